@@ -1,0 +1,3 @@
+from srdit.cli import main
+
+raise SystemExit(main())
