@@ -366,6 +366,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _fail("sample.num_steps: the SDE sampler needs at least 2 steps")
     if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
         _fail("sample.guidance_low/guidance_high: need 0 <= guidance_low <= guidance_high <= 1")
+    if s.cfg_scale != 1.0 and s.path_drop_guidance and not sp.enabled:
+        _fail("sample.path_drop_guidance: true needs model.sprint.enabled (the unconditional branch drops "
+              "SPRINT's sparse path); allowed with sprint disabled: false")
+    if s.cfg_scale != 1.0 and not (s.path_drop_guidance or s.null_label_guidance):
+        _fail("sample.null_label_guidance: guidance (cfg_scale != 1) needs an unconditional branch; set "
+              "null_label_guidance and/or path_drop_guidance to true")
     pos("sample.num_samples", s.num_samples)
     pos("sample.batch_size", s.batch_size)
     return cfg

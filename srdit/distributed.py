@@ -105,8 +105,14 @@ def detect_launch(environ=None) -> LaunchInfo:
 
 def pick_device(info: LaunchInfo) -> torch.device:
     """cuda:<local rank> when GPUs are visible (modulo the count, for one-GPU-per-task
-    allocations where each task sees only its own GPU), else the CPU."""
-    if torch.cuda.is_available():
+    allocations where each task sees only its own GPU), else the CPU. SRDIT_DEVICE=cpu forces
+    the CPU (and gloo) on a GPU machine, e.g. for the tests."""
+    wanted = os.environ.get("SRDIT_DEVICE", "auto")
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"SRDIT_DEVICE={wanted!r}; allowed: auto, cpu, cuda")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("SRDIT_DEVICE=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    if wanted != "cpu" and torch.cuda.is_available():
         index = info.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -159,5 +165,8 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process group through DeepSpeed, which also drops the groups it cached, so
+    that a later `init_process_group` in the same process (notebooks, tests) starts clean."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+        deepspeed.comm.destroy_process_group()

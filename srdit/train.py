@@ -255,10 +255,12 @@ def _training_losses(*args, **kwargs):
 def train(cfg: ExperimentConfig, run_dir: str | Path, cache: str | Path, *, until_step: int | None = None,
           segment_steps: int | None = None, segment_minutes: float | None = None,
           resources: str | Path | None = None, random_teacher: bool = False, on_step=None,
-          argv: list[str] | None = None) -> int:
+          save_at_end: bool = True, argv: list[str] | None = None) -> int:
     """Train one segment of run `run_dir`; returns the exit status (0, 75 or 3).
 
     on_step(step): optional callback after every optimizer step (tests, benchmarks).
+    save_at_end: False skips the segment's final checkpoint (benchmarks; periodic and
+    preemption checkpoints are still written).
     """
     from srdit.distributed import detect_launch, init_process_group, pick_device, shutdown
 
@@ -267,8 +269,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, cache: str | Path, *, unti
     init_process_group(launch, device)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
-        return _Trainer(cfg, Path(run_dir), Path(cache), launch, device, resources, random_teacher,
-                        on_step, argv).run(until_step, segment_steps, segment_minutes)
+        trainer = _Trainer(cfg, Path(run_dir), Path(cache), launch, device, resources, random_teacher,
+                           on_step, argv)
+        trainer.save_at_end = save_at_end
+        return trainer.run(until_step, segment_steps, segment_minutes)
     finally:
         shutdown()
 
@@ -292,6 +296,10 @@ class _Trainer:
         self.latent_scale = DEFAULT_LATENT_SCALE[cfg.data.tokenizer] if scale is None else scale
         self.latent_bias = cfg.data.latent_bias
         self.teacher = None
+        self.save_at_end = True
+        if device.type == "cuda":         # the recipe's --allow-tf32 (fp32 matmuls outside autocast)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     # ---------------------------------------------------------------- set-up
     def run(self, until_step, segment_steps, segment_minutes) -> int:
@@ -374,7 +382,7 @@ class _Trainer:
                 print(f"srdit train: {e}", file=sys.stderr, flush=True)
                 self._finish("diverged", EXIT_DIVERGED, str(e))
                 return EXIT_DIVERGED
-            if self.step > self.last_saved:
+            if self.step > self.last_saved and (self.save_at_end or reason == "preempted"):
                 self._save_checkpoint(reason)
         finally:
             signals.uninstall()

@@ -140,3 +140,12 @@ def test_yaml_exponent_strings_become_numbers():
     # YAML 1.1 reads `lr: 2e-4` as a string; the typed config turns it into the number
     cfg = get_config("b1_srdit", overrides=parse_overrides(["train.lr=2e-4"]))
     assert cfg.train.lr == 2e-4
+
+
+def test_guidance_needs_an_unconditional_branch():
+    with pytest.raises(ConfigError, match=r"sample\.path_drop_guidance: true needs model\.sprint\.enabled"):
+        get_config("b1_reg_invae", overrides={"sample": {"cfg_scale": 1.5}})
+    get_config("b1_reg_invae", overrides={"sample": {"cfg_scale": 1.5, "path_drop_guidance": False}})
+    with pytest.raises(ConfigError, match=r"sample\.null_label_guidance"):
+        get_config("b1_srdit", overrides={"sample": {"cfg_scale": 1.5, "path_drop_guidance": False,
+                                                     "null_label_guidance": False}})

@@ -160,13 +160,29 @@ def test_encode_stores_seeded_posterior_samples_and_teacher_features(images, cac
 
 
 def test_sharded_encode_equals_unsharded(images, cache, tokenizer, teacher, tmp_path):
-    assert split_range(20, 1, 3, block=BATCH) == (4, 12)
-    sharded = encode_all(images, tmp_path, tokenizer, teacher, num_shards=3, moments=True)
-    one, three = read_all(cache), read_all(sharded)
-    assert one.keys() == three.keys()
+    # 20 rows = 5 batches of 4 over 6 shards: batch-aligned ranges, one shard empty
+    ranges = [split_range(20, i, 6, block=BATCH) for i in range(6)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 20 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(start % BATCH == 0 for start, _ in ranges) and any(start == stop for start, stop in ranges)
+    sharded = encode_all(images, tmp_path, tokenizer, teacher, num_shards=6, moments=True)
+    one, six = read_all(cache), read_all(sharded)
+    assert one.keys() == six.keys()
     for name in one:
-        assert np.array_equal(one[name], three[name]), name
-    assert len(open_cache(sharded, "latents").shard_files) == 3
+        assert np.array_equal(one[name], six[name]), name
+    assert len(open_cache(sharded, "latents").shard_files) == 6
+
+
+def test_reads_without_memory_map_match(cache):
+    index = open_cache(cache, "latents")
+    mapped, plain = ShardedArrays(index), ShardedArrays(index)
+    plain._mapped = lambda shard, name: None        # force the h5py path
+    rows = np.array([0, 3, 4, 11, 19])
+    for name in index.arrays:
+        assert np.array_equal(mapped.read(name, rows), plain.read(name, rows)), name
+    with pytest.raises(ValueError, match="sorted"):
+        mapped.read("latents", np.array([3, 1]))
+    with pytest.raises(IndexError):
+        mapped.read("latents", np.array([20]))
 
 
 class Killed(Exception):

@@ -19,7 +19,7 @@ import torch
 from srdit.resources import MissingResourceError
 from srdit.teachers import TeacherWeightsError, load_teacher
 from srdit.tokenizers import TokenizerWeightsError, images_to_input, load_tokenizer, output_to_uint8
-from srdit.tokenizers.invae import build_invae, invae_from_config, load_invae_weights
+from srdit.tokenizers.invae import INVAE_F16D32, build_invae, invae_from_config, load_invae_weights
 
 FIXTURES = Path(os.environ.get("SRDIT_INVAE_FIXTURES", "/work/shared/fixtures/invae"))
 needs_fixtures = pytest.mark.skipif(not (FIXTURES / "config.json").exists(),
@@ -114,13 +114,17 @@ def test_invae_reproduces_fixture_case_float32(case_file):
     case = load_file(case_file)
     ours = _run_case(_small_model(), case)
     assert torch.equal(ours["in.x"], case["in.x"]), "input scaling must be x / 127.5 - 1 in float32"
-    for key in ("enc.moments", "enc.mean", "enc.logvar", "enc.std", "enc.sample", "latent.scaled", "dec.z"):
-        assert ours[key].shape == case[key].shape, key
-        err = (ours[key] - case[key]).abs().max().item()
-        assert err <= TOL_ENCODE, f"{key}: max abs error {err:.3g} > {TOL_ENCODE}"
-    for key, ref in (("dec.out", case["dec.out"]), ("decoder_alone", case["dec.out"])):
+    def check(key, ref, tol):
+        # plus float32 resolution at the tensor's scale, for fixture sets with larger values
+        tol = tol + 1e-6 * ref.abs().max().item()
+        assert ours[key].shape == ref.shape, key
         err = (ours[key] - ref).abs().max().item()
-        assert err <= TOL_DECODE, f"{key}: max abs error {err:.3g} > {TOL_DECODE}"
+        assert err <= tol, f"{key}: max abs error {err:.3g} > {tol:.3g}"
+
+    for key in ("enc.moments", "enc.mean", "enc.logvar", "enc.std", "enc.sample", "latent.scaled", "dec.z"):
+        check(key, case[key], TOL_ENCODE)
+    check("dec.out", case["dec.out"], TOL_DECODE)
+    check("decoder_alone", case["dec.out"], TOL_DECODE)
     debug_keys = [k for k in case if k.startswith("dbg.")]
     assert set(debug_keys) <= set(ours), f"no module found for {set(debug_keys) - set(ours)}"
     for key in debug_keys:
@@ -170,8 +174,11 @@ def test_uint8_conversion_truncates_and_clamps():
 @needs_fixtures
 def test_full_size_model_has_the_official_keys_and_parameter_count():
     keys = json.loads((FIXTURES / "keys.json").read_text())
-    with torch.device("meta"):                     # no memory, no init: only names and shapes
+    # What load_tokenizer builds for e2e-invae-400k.pt, on the meta device: names and shapes, no memory.
+    with torch.device("meta"):
         model = build_invae(random_seed=None)
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in INVAE_F16D32.items()}
+    assert {k: settings[k] for k in keys["constructor"]} == keys["constructor"]
     state = model.state_dict()
     assert [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state.items()] == \
         [(e["key"], e["shape"], e["dtype"]) for e in keys["keys"]]

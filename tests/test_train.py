@@ -122,23 +122,62 @@ def cache(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SRDIT_DEVICE="cpu")
     env.pop("WANDB_PROJECT", None)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         env.pop(key, None)
     return env
 
 
-def launch(tmp: Path, run_dir: Path, cache: Path, until: int, procs: int = 1, overrides=None, **hooks):
+# Set by the trainer for DeepSpeed's rendezvous (cleared around in-process runs), and
+# SRDIT_DEVICE: the tests train on the CPU with gloo even where a GPU is visible.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "SRDIT_DEVICE")
+
+
+def train_here(run_dir: Path, cache: Path, until: int, overrides=None, signal_at=None, nan_at_step=None) -> int:
+    """One single-process segment in this process (no interpreter start-up, the slow part on a
+    busy machine), with the same hooks as LAUNCHER."""
+    from srdit import train as T
+    saved_env = {k: os.environ.pop(k) for k in LAUNCH_ENV if k in os.environ}
+    os.environ["SRDIT_DEVICE"] = "cpu"
+    real_losses = T._training_losses
+    poison = {"on": False}
+
+    def losses(*args, **kwargs):
+        terms = real_losses(*args, **kwargs)
+        if poison["on"]:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    def on_step(step):
+        if step == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)      # a real signal, through the trainer's handler
+        if nan_at_step and step == nan_at_step - 1:
+            poison["on"] = True
+
+    T._training_losses = losses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # as OMP_NUM_THREADS=1 under torchrun; 2 threads on a busy
+    try:                              # 2-core machine are ~15x slower for this tiny model
+        cfg = get_config(ENTRY, overrides=overrides or TINY)
+        return T.train(cfg, run_dir, cache, until_step=until, on_step=on_step)
+    finally:
+        torch.set_num_threads(threads)
+        T._training_losses = real_losses
+        for k in LAUNCH_ENV:                 # the trainer exports them for DeepSpeed's rendezvous
+            os.environ.pop(k, None)
+        os.environ.update(saved_env)
+
+
+def launch(tmp: Path, run_dir: Path, cache: Path, until: int, procs: int = 2, overrides=None, **hooks):
+    """A segment on `procs` processes under torchrun."""
     script = tmp / "launcher.py"
     if not script.exists():
         script.write_text(LAUNCHER)
     spec = dict(entry=ENTRY, overrides=overrides or TINY, run_dir=str(run_dir), cache=str(cache), until=until, **hooks)
-    if procs == 1:
-        cmd = [sys.executable, str(script), json.dumps(spec)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               str(script), json.dumps(spec)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           str(script), json.dumps(spec)]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -184,28 +223,25 @@ def assert_resumed_run_is_identical(reference: Path, resumed: Path, step: int, r
 @pytest.fixture(scope="module")
 def single_runs(cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    ref = launch(tmp, tmp / "A", cache, until=2 * N)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    first = launch(tmp, tmp / "B", cache, until=2 * N, signal_at=N)
-    assert first.returncode == EXIT_REQUEUE, first.stderr[-3000:]
+    assert train_here(tmp / "A", cache, until=2 * N) == 0
+    assert train_here(tmp / "B", cache, until=2 * N, signal_at=N) == EXIT_REQUEUE
     assert status(tmp / "B")["state"] == "preempted" and status(tmp / "B")["step"] == N
-    second = launch(tmp, tmp / "B", cache, until=2 * N)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert train_here(tmp / "B", cache, until=2 * N) == 0
     return tmp
 
 
 @pytest.fixture(scope="module")
 def two_process_runs(cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two")
-    ref = launch(tmp, tmp / "A", cache, until=2 * N, procs=2)
+    ref = launch(tmp, tmp / "A", cache, until=2 * N)
     assert ref.returncode == 0, ref.stderr[-3000:]
     # only rank 1 gets the signal: rank 0 must stop at the same step through the all-reduce
-    first = launch(tmp, tmp / "B", cache, until=2 * N, procs=2, signal_at=N, signal_ranks=[1])
+    first = launch(tmp, tmp / "B", cache, until=2 * N, signal_at=N, signal_ranks=[1])
     assert first.returncode != 0          # torchrun reports a failure when a worker exits 75 ...
     st = status(tmp / "B")                # ... which is why status.json records the outcome
     assert (st["state"], st["exit_code"], st["step"], st["world_size"]) == ("preempted", EXIT_REQUEUE, N, 2)
     shutil.copytree(tmp / "B", tmp / "B_at_N")
-    second = launch(tmp, tmp / "B", cache, until=2 * N, procs=2)
+    second = launch(tmp, tmp / "B", cache, until=2 * N)
     assert second.returncode == 0, second.stderr[-3000:]
     return tmp
 
@@ -231,15 +267,14 @@ def test_resume_after_sigterm_is_bitwise_exact_two_processes(two_process_runs):
     assert (a["world_size"], a["micro_batch"], a["accumulation"], a["zero_stage"]) == (2, 4, 1, 1)
 
 
-def test_two_process_checkpoint_resumes_on_one_process(two_process_runs, cache, tmp_path):
+def test_two_process_checkpoint_resumes_on_one_process(two_process_runs, cache, tmp_path, capfd):
     """Weights, EMA and AdamW state (moments and step count) carry over exactly: one more step on
     one process is exactly the AdamW + EMA update of the two-process state."""
     run = tmp_path / "run"
     shutil.copytree(two_process_runs / "B_at_N", run)
     overrides = {"train": dict(TINY["train"], ckpt_every=1)}
-    res = launch(tmp_path, run, cache, until=N + 1, overrides=overrides)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming a 2-process checkpoint on 1 processes" in res.stderr
+    assert train_here(run, cache, until=N + 1, overrides=overrides) == 0
+    assert "resuming a 2-process checkpoint on 1 processes" in capfd.readouterr().err
     before, after = state_at(run, N), state_at(run, N + 1)
     assert (before["world_size"], after["world_size"], after["accumulation"]) == (2, 1, 2)
     assert after["optimizer"]["step"] == N + 1
@@ -303,10 +338,19 @@ def test_cli_sigterm_mid_run_checkpoints_and_rerun_continues(tmp_path):
     _, raw = ckpt.load_snapshot(snap, use_ema=False)
     assert all(torch.equal(v, model_state[n]) for n, v in raw.state_dict().items())
     # rerunning the same command continues from step k
-    rerun = subprocess.run([*cmd[:-len(SET_ARGS) * 2 - 2], "--until-step", str(k + 2),
-                            *[a for s in SET_ARGS for a in ("--set", s)]],
-                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    from srdit.cli import main as cli_main
+    argv = [a if a != "200" else str(k + 2) for a in cmd[3:]]          # same command, --until-step k+2
+    saved_env = {key: os.environ.pop(key) for key in LAUNCH_ENV if key in os.environ}
+    os.environ["SRDIT_DEVICE"] = "cpu"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for key in LAUNCH_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(saved_env)
     assert status(run)["step"] == k + 2
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resume = [e for e in events if e.get("event") == "resume"]
@@ -328,13 +372,12 @@ def test_cli_sigterm_mid_run_checkpoints_and_rerun_continues(tmp_path):
 # Failures
 # --------------------------------------------------------------------------------------------
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(single_runs, cache, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(single_runs, cache, tmp_path, capfd):
     run = tmp_path / "run"
     shutil.copytree(single_runs / "A", run)
     overrides = {"train": dict(TINY["train"], ckpt_every=1)}
-    res = launch(tmp_path, run, cache, until=2 * N + 5, overrides=overrides, nan_at_step=2 * N + 2)
-    assert res.returncode == EXIT_DIVERGED
-    assert "non-finite loss or gradient at step" in res.stderr
+    assert train_here(run, cache, until=2 * N + 5, overrides=overrides, nan_at_step=2 * N + 2) == EXIT_DIVERGED
+    assert f"non-finite loss or gradient at step {2 * N + 2}" in capfd.readouterr().err
     assert status(run)["state"] == "diverged"
     good = 2 * N + 1                                  # saved (ckpt_every 1) before the NaN step
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.step_tag(good)
@@ -348,8 +391,9 @@ def test_resume_with_another_config_is_refused(single_runs, cache, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(single_runs / "A", run)
     overrides = {"train": dict(TINY["train"], lr=3e-4)}
-    res = launch(tmp_path, run, cache, until=2 * N + 1, overrides=overrides)
-    assert res.returncode != 0 and "another config" in res.stderr and "train.lr" in res.stderr
+    with pytest.raises(ConfigError, match="another config.*train.lr"):
+        train_here(run, cache, until=2 * N + 1, overrides=overrides)
+    assert status(run)["step"] == 2 * N           # nothing ran
 
 
 # --------------------------------------------------------------------------------------------

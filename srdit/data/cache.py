@@ -14,15 +14,16 @@ expects, and refuses any difference with a message that says what to do.
 Shards are stored contiguous (no chunking): measured here, a random batch read from a
 contiguous dataset is 2x faster per row than from one-row chunks, and h5py fancy indexing on
 chunked datasets is 15-100x slower still. Reads are batched: `ShardedArrays.read(name,
-sorted_indices)` groups the indices by shard and reads a run of consecutive rows as one slice,
-small rows with one fancy read, and large rows (images, teacher tokens) one row each, which
-h5py serves faster than a fancy selection over many large rows.
+sorted_indices)` groups the indices by shard and gathers the rows from a read-only memory map
+of the dataset's bytes (contiguous, unfiltered storage has a fixed offset in the file), falling
+back to h5py reads for any other layout.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -80,11 +81,11 @@ def joined_path(path: str | Path, kind: str) -> Path:
 # Checksums
 # --------------------------------------------------------------------------------------------
 
-def _row_bytes(values: np.ndarray) -> Iterable:
-    if values.dtype.kind == "O" or values.dtype.kind in "US":      # strings: UTF-8, one line per row
-        text = "".join(f"{v.decode() if isinstance(v, bytes) else v}\n" for v in values)
-        return [text.encode()]
-    return [np.ascontiguousarray(values)]
+def _as_bytes(values: np.ndarray):
+    """The bytes a dataset's rows are hashed as: raw array bytes, or UTF-8 lines for strings."""
+    if values.dtype.kind in "OUS":
+        return "".join(f"{v.decode() if isinstance(v, bytes) else v}\n" for v in values).encode()
+    return np.ascontiguousarray(values)
 
 
 class DatasetHashes:
@@ -94,8 +95,7 @@ class DatasetHashes:
         self.hashers = {name: hashlib.sha256() for name in names}
 
     def update(self, name: str, values: np.ndarray) -> None:
-        for chunk in _row_bytes(values):
-            self.hashers[name].update(chunk)
+        self.hashers[name].update(_as_bytes(values))
 
     def digests(self) -> dict[str, str]:
         return {name: h.hexdigest() for name, h in sorted(self.hashers.items())}
@@ -114,10 +114,7 @@ def recompute_digests(path: str | Path, block_bytes: int = 64 << 20) -> dict[str
             row = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
             step = max(1, block_bytes // row)
             for start in range(0, ds.shape[0], step):
-                values = ds[start:start + step]
-                if ds.dtype.kind == "O":
-                    values = np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
-                hashes.update(name, values)
+                hashes.update(name, ds[start:start + step])
     return hashes.digests()
 
 
@@ -376,7 +373,7 @@ def open_cache(path: str | Path, kind: str, expect: dict[str, Any] | None = None
             raise CacheError(f"{shard}: rows/checksum ({sattrs['rows']}, {sattrs['checksum'][:12]}) differ from the "
                              f"joined file's table ({entry['rows']}, {entry['checksum'][:12]}): the shard was rebuilt "
                              f"after joining; rerun the --join step")
-        with h5py.File(shard, "r") as f:
+        with h5py.File(shard, "r") as f:       # shapes and dtypes: every shard alike, every array `rows` long
             for name, ds in f.items():
                 if ds.shape[0] != entry["rows"]:
                     raise CacheError(f"{shard}: dataset {name!r} has {ds.shape[0]} rows, the shard {entry['rows']}")
@@ -393,13 +390,21 @@ def open_cache(path: str | Path, kind: str, expect: dict[str, Any] | None = None
         offsets.append(offsets[-1] + entry["rows"])
     if offsets[-1] != attrs["rows"]:
         raise CacheError(f"{path}: shards hold {offsets[-1]} rows, the joined file says {attrs['rows']}")
-    for name, (row_shape, dtype) in (required or {}).items():
-        if name not in arrays:
-            raise CacheError(f"{path}: has no {name!r} array (has {sorted(arrays)})")
-        if (row_shape is not None and arrays[name][0] != tuple(row_shape)) or arrays[name][1] != np.dtype(dtype):
-            raise CacheError(f"{path}: {name!r} rows are {arrays[name][0]} {arrays[name][1]}, expected "
-                             f"{tuple(row_shape) if row_shape else '(any)'} {np.dtype(dtype)}")
-    return CacheIndex(path, attrs, files, np.asarray(offsets, dtype=np.int64), arrays)
+    index = CacheIndex(path, attrs, files, np.asarray(offsets, dtype=np.int64), arrays)
+    check_arrays(index, required or {})
+    return index
+
+
+def check_arrays(index: CacheIndex, required: dict[str, tuple[tuple | None, Any]]) -> None:
+    """Raise CacheError unless each named array exists with (row shape or None for any, dtype)."""
+    for name, (row_shape, dtype) in required.items():
+        if name not in index.arrays:
+            raise CacheError(f"{index.path}: has no {name!r} array (has {sorted(index.arrays)})")
+        have_shape, have_dtype = index.arrays[name]
+        if (row_shape is not None and have_shape != tuple(row_shape)) or have_dtype != np.dtype(dtype):
+            raise CacheError(f"{index.path}: {name!r} rows are {have_shape} {have_dtype}, expected "
+                             f"{tuple(row_shape) if row_shape is not None else '(any)'} {np.dtype(dtype)}; the "
+                             f"cache is inconsistent with what it records: rebuild it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,53 +414,76 @@ def open_cache(path: str | Path, kind: str, expect: dict[str, Any] | None = None
 class ShardedArrays:
     """Random-access reads over the shards of a validated cache.
 
-    Files are opened lazily and reopened after a fork, so each DataLoader worker has its own
-    handles (h5py handles must not cross a fork).
+    Files are opened lazily and reopened after a fork (h5py handles must not cross one); reads
+    from several threads are safe.
     """
-
-    LARGE_ROW = 16 << 10     # bytes; above it per-row reads beat h5py fancy selections (measured)
 
     def __init__(self, index: CacheIndex):
         self.index = index
         self._files: list[h5py.File] | None = None
+        self._maps: dict[tuple[int, str], np.ndarray | None] = {}
         self._pid = None
+        self._lock = threading.Lock()          # loader threads share one reader
 
     def _handles(self) -> list[h5py.File]:
-        if self._files is None or self._pid != os.getpid():
-            self._files = [h5py.File(p, "r") for p in self.index.shard_files]
-            self._pid = os.getpid()
-        return self._files
+        with self._lock:
+            if self._files is None or self._pid != os.getpid():
+                self._files = [h5py.File(p, "r") for p in self.index.shard_files]
+                self._maps = {}
+                self._pid = os.getpid()
+            return self._files
 
-    def read(self, name: str, indices: np.ndarray) -> np.ndarray:
-        """Rows `indices` (sorted, unique, global) of array `name`, in that order."""
+    def _mapped(self, shard: int, name: str) -> np.ndarray | None:
+        """A read-only memory map of a contiguous, unfiltered dataset's bytes in the shard file, or None.
+
+        Gathering rows from the map is a plain memory copy from the page cache, without h5py's
+        per-selection overhead (measured 2-15x faster for the batch reads of training).
+        """
+        key = (shard, name)
+        if key not in self._maps:
+            ds = self._handles()[shard][name]
+            with self._lock:
+                offset = ds.id.get_offset()
+                plain = (ds.chunks is None and not ds.is_virtual and not ds.external and ds.dtype.kind != "O"
+                         and ds.dtype.isnative and offset is not None and ds.size > 0)
+                self._maps[key] = np.memmap(self.index.shard_files[shard], dtype=ds.dtype, mode="r", offset=offset,
+                                            shape=ds.shape) if plain else None
+        return self._maps[key]
+
+    def read(self, name: str, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `indices` (sorted, unique, global) of array `name`, in that order (into `out` if given)."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) > 1 and not np.all(np.diff(indices) > 0):
             raise ValueError("ShardedArrays.read needs sorted, unique indices")
         if len(indices) and (indices[0] < 0 or indices[-1] >= self.index.rows):
             raise IndexError(f"row indices must lie in [0, {self.index.rows})")
         row_shape, dtype = self.index.arrays[name]
-        out = np.empty((len(indices), *row_shape), dtype=dtype)
-        row_bytes = out.itemsize * int(np.prod(row_shape))
+        if out is None:
+            out = np.empty((len(indices), *row_shape), dtype=dtype)
+        elif out.shape != (len(indices), *row_shape) or out.dtype != dtype:
+            raise ValueError(f"out is {out.shape} {out.dtype}, expected {(len(indices), *row_shape)} {dtype}")
         shard_of = np.searchsorted(self.index.offsets, indices, side="right") - 1
         files = self._handles()
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
             local = indices[where] - self.index.offsets[shard]
-            ds = files[shard][name]
             lo, hi = int(where[0]), int(where[-1]) + 1
-            if local[-1] - local[0] + 1 == len(local):          # consecutive rows: one slice
-                out[lo:hi] = ds[int(local[0]):int(local[-1]) + 1]
-            elif row_bytes < self.LARGE_ROW and ds.chunks is None:
-                out[lo:hi] = ds[local]                            # small rows: one fancy read
-            else:
-                for j, i in zip(range(lo, hi), local.tolist()):  # large rows: one read each
-                    out[j] = ds[i]
+            mapped = self._mapped(int(shard), name)
+            if mapped is not None:
+                # indices are checked above; mode "clip" lets numpy write into `out` without a buffer
+                np.take(mapped, local, axis=0, out=out[lo:hi], mode="clip")
+            else:                                                 # any other storage: h5py (slower)
+                out[lo:hi] = files[shard][name][local]
         return out
 
     def close(self) -> None:
+        self._maps = {}
         for f in self._files or []:
             f.close()
         self._files = None
 
-    def __getstate__(self):                  # pickled into DataLoader workers without open handles
-        return {"index": self.index, "_files": None, "_pid": None}
+    def __getstate__(self):                  # pickled (e.g. into worker processes) without open handles
+        return {"index": self.index}
+
+    def __setstate__(self, state):
+        self.__init__(state["index"])

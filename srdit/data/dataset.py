@@ -14,21 +14,23 @@ Every rank draws the same permutation of all rows from (seed, epoch); global bat
 epoch is rows perm[k*G:(k+1)*G] with G = micro_batch * world_size, and rank r takes its
 slice [r*B:(r+1)*B]. A batch's indices are sorted before reading (h5py needs increasing
 indices; the order inside a batch does not matter to training). The loader counts the batches
-it has *handed out* (not those prefetched by workers), so its state after step n resumes at
+it has *handed out* (not those read ahead by its threads), so its state after step n resumes at
 exactly the batch step n + 1 would have read. An incomplete last global batch of an epoch is
 dropped, as the reference's `drop_last`.
 """
 from __future__ import annotations
 
 import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .cache import IMAGES, LATENTS, CacheError, CacheMismatchError, ShardedArrays, open_cache
+from .cache import IMAGES, LATENTS, CacheMismatchError, ShardedArrays, check_arrays, open_cache
 
 
 class TrainDataset(Dataset):
@@ -41,26 +43,34 @@ class TrainDataset(Dataset):
     """
 
     def __init__(self, cache_path: str | Path, expect: dict[str, Any] | None = None,
-                 feature_dtype: torch.dtype = torch.float32):
+                 feature_dtype: torch.dtype = torch.float32, pin_memory: bool = False):
         expect = dict(expect or {})
         teacher = expect.pop("teacher", None)
         self.index = open_cache(cache_path, LATENTS, expect=expect)
         attrs = self.index.attrs
         self.has_teacher = attrs["teacher"] != "none"
+        self.latent_shape = tuple(json.loads(attrs["latent_shape"]))
+        required = {"latents": (self.latent_shape, np.float32), "labels": ((), np.int64)}
+        if self.has_teacher:
+            required.update(teacher_cls=((attrs["teacher_dim"],), np.float16),
+                            teacher_tokens=((attrs["teacher_tokens"], attrs["teacher_dim"]), np.float16))
+        check_arrays(self.index, required)             # shapes and dtypes as the cache records them
         if teacher is not None and self.has_teacher and attrs["teacher"] != teacher:
             raise CacheMismatchError(
                 f"{self.index.path} holds features of teacher {attrs['teacher']!r}, but {teacher!r} is expected; "
                 f"use a cache encoded with --teacher {teacher} (or one without features, --no-teacher)")
-        self.latent_shape = tuple(json.loads(attrs["latent_shape"]))
-        if self.index.arrays["latents"] != (self.latent_shape, np.dtype(np.float32)):
-            raise CacheError(f"{self.index.path}: latents are {self.index.arrays['latents']}, the cache says "
-                             f"{self.latent_shape} float32")
         self.feature_dtype = feature_dtype
+        self.pin_memory = pin_memory
         self.arrays = ShardedArrays(self.index)
         self.images = None
         if not self.has_teacher:
             images_path = self.index.path.parent / attrs["images_file"]
-            image_index = open_cache(images_path, IMAGES, expect={"checksum": attrs["images_checksum"]})
+            try:
+                image_index = open_cache(images_path, IMAGES, expect={"checksum": attrs["images_checksum"]},
+                                         required={"images": ((attrs["resolution"],) * 2 + (3,), np.uint8)})
+            except CacheMismatchError as e:
+                raise CacheMismatchError(f"{images_path} is not the image cache {self.index.path} was encoded "
+                                         f"from (its checksum differs); re-encode the latents from it") from e
             self.images = ShardedArrays(image_index)
         # Labels are small (8 bytes a row): read them once instead of once per batch.
         self.labels = torch.from_numpy(self.arrays.read("labels", np.arange(self.index.rows)))
@@ -71,14 +81,29 @@ class TrainDataset(Dataset):
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
         rows = torch.from_numpy(indices)
-        batch = {"index": rows, "latent": torch.from_numpy(self.arrays.read("latents", indices)),
+        batch = {"index": rows, "latent": self._read(self.arrays, "latents", indices, torch.float32),
                  "label": self.labels[rows]}
         if self.has_teacher:
-            batch["teacher_cls"] = torch.from_numpy(self.arrays.read("teacher_cls", indices)).to(self.feature_dtype)
-            batch["teacher_tokens"] = torch.from_numpy(self.arrays.read("teacher_tokens", indices)).to(self.feature_dtype)
+            batch["teacher_cls"] = self._read(self.arrays, "teacher_cls", indices, self.feature_dtype)
+            batch["teacher_tokens"] = self._read(self.arrays, "teacher_tokens", indices, self.feature_dtype)
         else:
-            batch["image"] = torch.from_numpy(self.images.read("images", indices)).permute(0, 3, 1, 2)
+            batch["image"] = self._read(self.images, "images", indices, torch.uint8).permute(0, 3, 1, 2)
         return batch
+
+    def _read(self, arrays: ShardedArrays, name: str, indices: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """Read rows straight into the batch tensor (pinned when asked), converting the dtype if needed.
+
+        Pinned tensors come from torch's caching host allocator, which recycles freed blocks:
+        besides making the host-to-GPU copy asynchronous, that spares the page faults of fresh
+        memory, which cost more than the reads themselves (measured on this CPU).
+        """
+        row_shape, stored = arrays.index.arrays[name]
+        out = torch.empty((len(indices), *row_shape), dtype=dtype, pin_memory=self.pin_memory)
+        if torch.from_numpy(np.empty(0, stored)).dtype == dtype:
+            arrays.read(name, indices, out=out.numpy())
+        else:
+            out.copy_(torch.from_numpy(arrays.read(name, indices)))
+        return out
 
 
 class EpochBatchSampler:
@@ -109,17 +134,22 @@ class EpochBatchSampler:
 
 
 class TrainLoader:
-    """Iterates batches (dicts of tensors) forever; `state_dict()` / `load_state_dict()` for exact resume."""
+    """Iterates batches (dicts of tensors) forever; `state_dict()` / `load_state_dict()` for exact resume.
+
+    Batches are read by `num_workers` threads, `prefetch` batches ahead, and handed out in order.
+    Threads, not worker processes: a batch read is a memory copy from the page cache (numpy and
+    torch release the GIL for it), while a worker process must hand each batch over through
+    fresh shared memory, which measured 3.5x slower than the read itself.
+    """
 
     def __init__(self, dataset: TrainDataset, micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 4, pin_memory: bool | None = None, prefetch_factor: int = 4):
+                 num_workers: int = 4, prefetch: int | None = None):
         self.dataset = dataset
         self.sampler_args = dict(num_samples=len(dataset), micro_batch=micro_batch, rank=rank,
                                  world_size=world_size, seed=seed)
         self.batches_per_epoch = EpochBatchSampler(**self.sampler_args).batches_per_epoch
         self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.prefetch_factor = prefetch_factor
+        self.prefetch = prefetch if prefetch is not None else 2 * max(1, num_workers)
         self.position = 0           # global batches handed out so far (the same on every rank)
 
     @property
@@ -127,14 +157,23 @@ class TrainLoader:
         return self.position // self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        sampler = EpochBatchSampler(**self.sampler_args, position=self.position)
-        loader = DataLoader(self.dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-                            persistent_workers=False)
-        for batch in loader:
-            self.position += 1
-            yield batch
+        batches = iter(EpochBatchSampler(**self.sampler_args, position=self.position))
+        if self.num_workers == 0:
+            for indices in batches:
+                batch = self.dataset[indices]
+                self.position += 1
+                yield batch
+            return
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="srdit-loader")
+        try:
+            pending = deque(pool.submit(self.dataset.__getitem__, next(batches)) for _ in range(self.prefetch))
+            while True:
+                batch = pending.popleft().result()
+                pending.append(pool.submit(self.dataset.__getitem__, next(batches)))
+                self.position += 1      # counted when handed out, not when read ahead
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def state_dict(self) -> dict[str, int]:
         a = self.sampler_args
@@ -157,8 +196,11 @@ def make_train_loader(cache_path: str | Path, micro_batch: int, rank: int = 0, w
                       feature_dtype: torch.dtype = torch.float32, pin_memory: bool | None = None) -> TrainLoader:
     """The training loader over a latent cache (its folder or cache.h5); see the module docstring.
 
-    `feature_dtype=torch.float16` halves the teacher features' worker-to-trainer traffic (cast
-    them on the GPU instead).
+    `num_workers` reader threads (0: read in the calling thread). `pin_memory` (default: when
+    CUDA is available) puts batches in page-locked memory for asynchronous copies to the GPU.
+    `feature_dtype=torch.float16` hands the teacher features over as stored, half the bytes and
+    no conversion (measured ~2x the samples/s here); cast them on the GPU instead.
     """
-    dataset = TrainDataset(cache_path, expect=expect, feature_dtype=feature_dtype)
-    return TrainLoader(dataset, micro_batch, rank, world_size, seed, num_workers, pin_memory)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    dataset = TrainDataset(cache_path, expect=expect, feature_dtype=feature_dtype, pin_memory=pin)
+    return TrainLoader(dataset, micro_batch, rank, world_size, seed, num_workers)

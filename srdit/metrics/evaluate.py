@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,25 +55,14 @@ def default_device(device: str | None) -> str:
 
 
 def library_versions() -> dict:
-    import scipy
-    import timm
+    """Python, the packages that shape the numbers, the srdit commit and the GPU, if any."""
     import torch
 
-    import srdit
+    from srdit.runinfo import git_info, package_versions
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                "scipy": scipy.__version__, "timm": timm.__version__,
-                "srdit": getattr(srdit, "__version__", "unknown")}
-    try:
-        import PIL
-        versions["pillow"] = PIL.__version__
-    except ImportError:
-        pass
-    try:
-        versions["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        versions["git_commit"] = None
+    versions = {"python": platform.python_version(),
+                **package_versions(("srdit", "torch", "numpy", "scipy", "timm", "pillow", "safetensors")),
+                "git": git_info()}
     if torch.cuda.is_available():
         versions["cuda"] = torch.version.cuda
         versions["gpu"] = torch.cuda.get_device_name(0)
@@ -101,7 +89,7 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
     """All metrics of `samples` against `reference` as a JSON-ready dict."""
     import torch
 
-    from srdit.metrics.fid import feature_statistics, frechet_distance
+    from srdit.metrics.fid import feature_statistics, frechet_distance_to_features, frechet_method
     from srdit.metrics.inception import compute_inception_features, load_inception
     from srdit.metrics.inception_score import inception_score
     from srdit.metrics.npz_io import iter_npz_batches, npz_keys
@@ -136,11 +124,9 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
     else:
         (mu, sigma), (mu_s, sigma_s) = feature_statistics(ref_feats["pool"]), feature_statistics(ref_feats["spatial"])
         ref_stats_source = "computed from the reference batch's arr_0 (no stored statistics)"
-    gen_mu, gen_sigma = feature_statistics(gen_feats["pool"])
-    gen_mu_s, gen_sigma_s = feature_statistics(gen_feats["spatial"])
     metrics = {
-        "fid": frechet_distance(gen_mu, gen_sigma, mu, sigma),
-        "sfid": frechet_distance(gen_mu_s, gen_sigma_s, mu_s, sigma_s),
+        "fid": frechet_distance_to_features(gen_feats["pool"], mu, sigma),
+        "sfid": frechet_distance_to_features(gen_feats["spatial"], mu_s, sigma_s),
         "inception_score": inception_score(gen_feats["logits"], cfg.is_split_size) if net.has_logits else None,
     }
     metrics["precision"], metrics["recall"] = precision_recall(ref_feats["pool"], gen_feats["pool"], k=cfg.pr_k,
@@ -171,7 +157,7 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
                       "statistics": ref_stats_source},
         "sampler": read_sampler_settings(samples),
         "feature_extractors": extractors,
-        "settings": {"pr_k": cfg.pr_k, "is_split_size": cfg.is_split_size, "pr_distances": "float16-quantised as ADM",
+        "settings": {"frechet": frechet_method(n_gen, gen_feats["pool"].shape[1]), "pr_k": cfg.pr_k, "is_split_size": cfg.is_split_size, "pr_distances": "float16-quantised as ADM",
                      "kdd_subsets": cfg.kdd_subsets, "kdd_subset_size": cfg.kdd_subset_size, "kdd_seed": cfg.kdd_seed,
                      "kdd_real_set": "reference batch arr_0",
                      "kdd_subset_values": kdd_result["values"] if kdd_result else None},
@@ -185,7 +171,7 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
 def write_json(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
     return path

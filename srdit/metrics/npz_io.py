@@ -26,7 +26,7 @@ class NpzWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".part")
+        self.tmp = self.path.with_name(f".{self.path.name}.part-{os.getpid()}")   # unique per writer
         self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def add(self, name: str, array: np.ndarray) -> None:

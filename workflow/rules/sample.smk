@@ -7,7 +7,9 @@ rule sample_shard:
     input:
         unpack(sample_inputs),
     output:
-        temp(f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.npz"),
+        # the JSON sidecar is written last and marks the shard complete
+        images=temp(f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.npz"),
+        sidecar=temp(f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.json"),
     log:
         f"{RESULTS}/logs/sample/{{ablation}}/step{{step}}/{{tag}}/shard{{shard}}.log",
     benchmark:
