@@ -30,15 +30,18 @@ Randomness, and why resume is exact:
 On the CPU, a run cut into segments ends bitwise identical to an uninterrupted one (tested).
 On GPUs the restored state is identical too, but some CUDA kernels (index_add in backward,
 atomics) are not deterministic, so two runs differ at rounding level whatever the resume.
-Resuming on a different number of processes restores the weights, EMA and AdamW state exactly
-and keeps the global batch, but the per-rank random streams and the split of each global batch
-into micro-batches change, so the run continues like a run with another seed would; see
-README "Exact resume".
+Resuming on a different number of processes restores the weights, EMA and AdamW state
+(moments and step count) exactly, keeps the global batch and continues the same seeded data
+order at the same sample; what changes is the split of each global batch into micro-batches
+(so the float sums of the gradient reduction) and the per-rank random streams (noise, t,
+SPRINT's kept tokens, label dropout), so from there the run is a different, equally valid one.
 
-Under torchrun, send the signal to the workers: torchrun forwards SIGTERM to them, and forwards
-SIGUSR1 only when `TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1` is set.
-torchrun does not pass the workers' exit code 75 on, so `DIR/status.json` records the outcome
-of every segment (`state`: finished, segment_done, preempted or diverged, and `exit_code`).
+Signals: under Slurm, `sbatch --signal=USR1@120` (no `B:`) signals every task of the job steps,
+i.e. the trainers started by `srun`. Under torchrun, torchrun forwards SIGTERM to its workers,
+and SIGUSR1 only when `TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1` is
+set; it also does not pass the workers' exit code 75 on (it exits 1), so `DIR/status.json`
+records the outcome of every segment (`state`: finished, segment_done, preempted or diverged,
+and `exit_code`), and `DIR/segments.jsonl` keeps the history.
 """
 from __future__ import annotations
 
@@ -406,7 +409,8 @@ class _Trainer:
             "train_batch_size": t.global_batch,
             "train_micro_batch_size_per_gpu": self.micro,
             "gradient_accumulation_steps": self.accum,
-            "gradient_clipping": t.grad_clip,
+            # ZeRO 1/2 clip inside the optimizer; for stage 0 the trainer clips (see _train_step)
+            "gradient_clipping": t.grad_clip if t.zero_stage > 0 else 0.0,
             # fp32 parameters, gradients and optimizer; bf16 is autocast in the forward only
             "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": True,
                                   "overlap_comm": self.device.type == "cuda"},
@@ -503,7 +507,7 @@ class _Trainer:
         cfg, step = self.cfg, self.step
         sprint = cfg.model.sprint
         needs_teacher = cfg.model.class_token or cfg.objective.proj_coeff > 0
-        sums, data_s = None, 0.0
+        sums, data_s, clip_norm = None, 0.0, None
         for micro in range(self.accum):
             t0 = time.perf_counter()
             batch = self._next_batch()
@@ -518,12 +522,17 @@ class _Trainer:
                 terms = _training_losses(self.engine, x0, y, t_cls, t_tokens, cfg.objective,
                                          generator=gen, path_drop=coin)
             self.engine.backward(terms.total)
+            if micro == self.accum - 1 and self.cfg.train.zero_stage == 0:
+                # Stage 0: the gradients are all-reduced by now. DeepSpeed 0.19's own fp32 clipping
+                # multiplies each gradient by a (1,) tensor, which fails for 0-dim parameters.
+                clip_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named_params],
+                                                           self.cfg.train.grad_clip)
             self.engine.step()
             values = torch.stack([terms.total.detach().float(), terms.v.detach().float(),
                                   terms.cls.detach().float(), terms.proj.detach().float(),
                                   terms.cfm.detach().float()])
             sums = values if sums is None else sums + values
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = clip_norm if self.cfg.train.zero_stage == 0 else self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                     dtype=torch.float32, device=self.device).reshape(())
         return sums / self.accum, grad_norm, data_s
@@ -558,11 +567,13 @@ class _Trainer:
                 bad, preempt, out_of_time = dist_utils.all_reduce_max(
                     [bad, float(signals.received is not None), float(out_of_time)], self.device)
                 if bad:
+                    good = latest_checkpoint(self.ckpt_root)
+                    kept = (f"the last good checkpoint {good} is untouched" if good is not None
+                            else "no checkpoint had been written yet")
                     raise TrainingDiverged(
                         f"non-finite loss or gradient at step {self.step} (loss terms total/v/cls/proj/cfm "
-                        f"{losses.tolist()}, grad norm {grad_norm.item()}); stopped without saving, the last "
-                        f"good checkpoint {latest_checkpoint(self.ckpt_root)} is untouched. Lower train.lr "
-                        f"or check the cache for bad latents")
+                        f"{losses.tolist()}, grad norm {grad_norm.item()}); stopped without saving, {kept}. "
+                        f"Lower train.lr or check the cache for bad latents, then rerun to resume")
                 bar.update(1)
                 window["steps"] += 1
                 window["loss"] += losses

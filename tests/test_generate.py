@@ -154,7 +154,10 @@ def test_end_to_end_sample_merge_evaluate(snapshot, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_with_kdd_random_dinov2_large(snapshot, tmp_path):
+def test_end_to_end_with_kdd_random_dinov2_large(snapshot, tmp_path, request):
+    # ~90 s on 2 CPU cores (DINOv2-L): only when slow tests are asked for
+    if "slow" not in (request.config.getoption("markexpr", "") or "") and not request.config.getoption("--runslow", False):
+        pytest.skip("slow (DINOv2-L on the CPU): run with -m slow")
     metrics = end_to_end(snapshot, tmp_path, kdd=True)
     assert np.isfinite(metrics["kdd"]) and np.isfinite(metrics["kdd_std"])
     assert len(metrics["settings"]["kdd_subset_values"]) == 5
@@ -183,3 +186,45 @@ def test_verify_release_without_download_names_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "srdit-b1-256-0400000.pt" in err and "fetch srdit-b1-256" in err
     assert "dinov2_vitl14" not in err
+
+
+def test_convert_release_writes_a_loadable_snapshot(tmp_path, monkeypatch):
+    """The conversion step of verify-release, on a tiny model in the original checkpoint layout."""
+    import argparse
+
+    from test_convert import original_state_dict_for
+
+    import srdit.convert
+    import srdit.verify as verify
+    from srdit.checkpoint import load_snapshot
+    from srdit.convert import convert_state_dict, model_config_from_original
+
+    m = get_config("demo_srdit").model
+    original_cfg = {"depth": m.depth, "hidden_size": m.hidden_size, "num_heads": m.num_heads, "patch_size": 1,
+                    "input_size": m.input_size, "in_channels": m.in_channels, "num_classes": m.num_classes,
+                    "mlp_ratio": m.mlp_ratio, "z_dims": [m.cls_token_dim], "projector_dim": m.projector_dim,
+                    "qk_norm": True, "class_dropout_prob": 0.1}
+    ema = original_state_dict_for(original_cfg, seed=1)
+    checkpoint = {"model": original_state_dict_for(original_cfg, seed=0), "ema": ema, "steps": 1234,
+                  "args": argparse.Namespace(model="tiny")}
+    torch.save(checkpoint, tmp_path / "release.pt")
+    # the release is B/1 at 256 px; here the sizes come from the tiny config and the preset is the demo's
+    monkeypatch.setattr(srdit.convert, "model_config_from_args", lambda args: model_config_from_original(original_cfg))
+    monkeypatch.setattr(verify, "PRESET", "demo_srdit")
+    snapshot = verify.convert_release(tmp_path / "release.pt", tmp_path / "snap" / "release.safetensors")
+    cfg, model = load_snapshot(snapshot, use_ema=True)
+    expected = convert_state_dict(ema, model_config_from_original(original_cfg))
+    assert cfg.name == "demo_srdit" and not model.training
+    for key, value in expected.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_comparison_table_shows_ours_next_to_paper():
+    from srdit.verify import comparison_table
+
+    table = comparison_table({"fid": 3.61, "sfid": 5.5, "inception_score": None, "precision": 0.8, "recall": 0.55,
+                              "kdd": 0.33}, {"fid": 3.4907, "sfid": 5.6703, "is": 221.17, "prec": 0.8075, "rec": 0.5456,
+                                             "kdd": 0.33224})
+    fid_line = next(line for line in table.splitlines() if line.startswith("FID"))
+    assert "3.6100" in fid_line and "3.4907" in fid_line
+    assert "n/a" in next(line for line in table.splitlines() if line.startswith("IS"))

@@ -135,7 +135,8 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
               "SRDIT_DEVICE")
 
 
-def train_here(run_dir: Path, cache: Path, until: int, overrides=None, signal_at=None, nan_at_step=None) -> int:
+def train_here(run_dir: Path, cache: Path, until: int, overrides=None, signal_at=None, nan_at_step=None,
+               **bounds) -> int:
     """One single-process segment in this process (no interpreter start-up, the slow part on a
     busy machine), with the same hooks as LAUNCHER."""
     from srdit import train as T
@@ -161,7 +162,7 @@ def train_here(run_dir: Path, cache: Path, until: int, overrides=None, signal_at
     torch.set_num_threads(1)          # as OMP_NUM_THREADS=1 under torchrun; 2 threads on a busy
     try:                              # 2-core machine are ~15x slower for this tiny model
         cfg = get_config(ENTRY, overrides=overrides or TINY)
-        return T.train(cfg, run_dir, cache, until_step=until, on_step=on_step)
+        return T.train(cfg, run_dir, cache, until_step=until, on_step=on_step, **bounds)
     finally:
         torch.set_num_threads(threads)
         T._training_losses = real_losses
@@ -385,6 +386,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(single_runs, cache
     assert not (run / "snapshots" / f"{ckpt.step_tag(good + 1)}.safetensors").exists()
     state = state_at(run, good)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_segment_bounds_in_steps_and_minutes(single_runs, cache, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(single_runs / "A", run)
+    assert train_here(run, cache, until=2 * N + 10, segment_steps=2) == 0
+    assert (status(run)["state"], status(run)["step"], status(run)["detail"]) == ("segment_done", 2 * N + 2,
+                                                                                  "segment_steps")
+    assert train_here(run, cache, until=2 * N + 10, segment_minutes=1e-6) == 0     # one step, then out of time
+    assert (status(run)["step"], status(run)["detail"]) == (2 * N + 3, "segment_minutes")
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.step_tag(2 * N + 3)
 
 
 def test_resume_with_another_config_is_refused(single_runs, cache, tmp_path):
