@@ -3,19 +3,38 @@ mode (SPRINT drops 75% of the 257 tokens in the middle blocks), on random data.
 
 CPU: float32. GPU (when CUDA is available): bf16 autocast, TF32 allowed, fused AdamW. The loss
 is the real objective (`srdit.transport.training_losses`: flow matching + REG + REPA + CFM).
-Prints one JSON object. Example:
+
+`--original PATH` times ours against the original SR-DiT code side by side instead: PATH is a
+checkout of SwayStar123/SpeedrunDiT (c24c2ff). Its `models/sit.py` (`SiT-B/1`, built with the
+arguments its train.py passes) and `loss.py` (`SILoss`) are imported from PATH at run time, both
+models start from the same weights (the original's, converted by `srdit.convert`), see the same
+batch, use the same AdamW settings, thread count and precision, and their timed steps are
+interleaved (the order alternates every round: AB BA AB ...) so that load from other processes
+hits both alike. Prints one JSON object. Examples (see benchmarks/README.md):
 
     python benchmarks/train_step.py                     # CPU (~1-2 min) and, if present, the GPU
     python benchmarks/train_step.py --device cuda --gpu-batch 8 --gpu-batch 32 --compile
+    python benchmarks/train_step.py --original /tmp/speedrundit --threads 2 --rounds 10
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# the original train.py's constructor arguments (train.py defaults: --fused-attn on, --cfg-prob
+# 0.1, dinov2-vit-b teacher) plus qk_norm on as in the SR-DiT recipe; projector_dim and
+# class_dropout_prob are the SiT defaults, written out. encoder_depth is fixed by SiT_B_1 (4).
+ORIGINAL_MODEL = "SiT-B/1"
+ORIGINAL_KWARGS = dict(input_size=16, in_channels=32, num_classes=1000, use_cfg=True, z_dims=[768],
+                       projector_dim=2048, qk_norm=True, fused_attn=True, class_dropout_prob=0.1)
 
 
 def make_batch(cfg, batch: int, device: torch.device, seed: int = 0):
@@ -28,45 +47,139 @@ def make_batch(cfg, batch: int, device: torch.device, seed: int = 0):
     return [v.to(device) for v in (x0, y, teacher_cls, teacher_tokens)]
 
 
-def bench(cfg, device: str, batch: int, steps: int, warmup: int, autocast_bf16: bool, compile_model: bool) -> dict:
+def make_adamw(params, train_cfg, fused: bool) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
+                             weight_decay=train_cfg.weight_decay, fused=fused)
+
+
+# --------------------------------------------------------------------------------------------
+# One training step of each implementation
+# --------------------------------------------------------------------------------------------
+
+def our_step_fn(cfg, dev: torch.device, batch: int, autocast_bf16: bool, compile_model: bool,
+                state_dict: dict | None = None):
+    """A closure running one training step of our model; returns the (detached) total loss."""
     from srdit.models import build_model
     from srdit.transport import training_losses
 
-    dev = torch.device(device)
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(dev).train()
+    model = build_model(cfg.model)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    model = model.to(dev).train()
     step_model = torch.compile(model) if compile_model else model
     params = [p for p in model.parameters() if p.requires_grad]
-    t = cfg.train
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                            fused=dev.type == "cuda")
+    opt = make_adamw(params, cfg.train, fused=dev.type == "cuda")
     x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
 
-    def step(i: int) -> float:
+    def step() -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             losses = training_losses(step_model, x0, y, teacher_cls, teacher_tokens, cfg.objective,
                                      generator=gen, path_drop=model.draw_path_drop())
         losses.total.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return losses.total.detach()
+
+    return step
+
+
+def import_original(path: Path):
+    """(models.sit module, loss module) of the original checkout at `path`.
+
+    Its modules are top-level `models` and `loss`: imported with `path` first on sys.path, then
+    the path is taken off again (the modules stay in sys.modules under those names)."""
+    if not (path / "models" / "sit.py").is_file() or not (path / "loss.py").is_file():
+        raise SystemExit(f"--original {path}: expected a checkout of SwayStar123/SpeedrunDiT with models/sit.py "
+                         f"and loss.py; get one with `git archive c24c2ff | tar -x -C DIR` from a clone")
+    for name in ("models", "loss"):
+        if name in sys.modules and not str(getattr(sys.modules[name], "__file__", "")).startswith(str(path)):
+            raise SystemExit(f"--original: a module named {name!r} is already imported from elsewhere "
+                             f"({sys.modules[name]}); run the benchmark as a script in a clean interpreter")
+    sys.path.insert(0, str(path))
+    try:
+        return importlib.import_module("models.sit"), importlib.import_module("loss")
+    except ImportError as err:
+        raise SystemExit(f"--original: importing the original code failed ({err}); it needs timm and einops "
+                         f"(pip install timm einops)") from err
+    finally:
+        sys.path.remove(str(path))
+
+
+def original_step_fn(path: Path, cfg, batch: int):
+    """(closure running one original training step on the CPU in float32, the original model).
+
+    The step is train.py's inner loop without accelerate: SILoss forward, the weighted sum of its
+    terms, backward, clip_grad_norm_ over model.parameters(), AdamW step, zero_grad. fp32 on the
+    CPU is train.py's `--mixed-precision no`. The REPA target is [teacher CLS ; teacher tokens]
+    as train.py builds it for DINOv2."""
+    sit, loss = import_original(path)
+    torch.manual_seed(0)
+    model = sit.SiT_models[ORIGINAL_MODEL](**ORIGINAL_KWARGS).train()
+    o = cfg.objective
+    loss_fn = loss.SILoss(prediction="v", path_type=o.path,
+                          weighting="uniform",
+                          cfm_weighting=o.cfm_weighting, apply_time_shift=o.time_shift,
+                          shift_base=o.shift_base)
+    opt = make_adamw(model.parameters(), cfg.train, fused=False)
+    x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, torch.device("cpu"))
+    zs = [torch.cat([teacher_cls.unsqueeze(1), teacher_tokens], dim=1)]
+
+    def step() -> torch.Tensor:
+        loss_v, loss_proj, _, _, loss_cls, loss_cfm, _ = loss_fn(model, x0, dict(y=y), zs=zs, cls_token=teacher_cls)
+        total = (loss_v.mean() + loss_proj.mean() * o.proj_coeff + loss_cls.mean() * o.cls_coeff
+                 + loss_cfm.mean() * o.cfm_coeff)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total.detach()
+
+    return step, model
+
+
+def check_same_configuration(cfg, original_model) -> dict:
+    """Refuse to compare unless our preset is the model the original builds, parameter for parameter;
+    returns our converted copy of the original's initial weights."""
+    from srdit.convert import convert_state_dict, model_config_from_args
+
+    theirs = model_config_from_args(dict(model=ORIGINAL_MODEL, resolution=16 * ORIGINAL_KWARGS["input_size"],
+                                         num_classes=ORIGINAL_KWARGS["num_classes"],
+                                         qk_norm=ORIGINAL_KWARGS["qk_norm"], enc_type="dinov2-vit-b"))
+    if theirs != cfg.model:
+        raise SystemExit(f"--original: preset model config differs from the original {ORIGINAL_MODEL} "
+                         f"({ORIGINAL_KWARGS}); use --preset b1_srdit.\nours:   {cfg.model}\ntheirs: {theirs}")
+    o = cfg.objective
+    if o.t_dist != "uniform" or o.path != "linear":
+        raise SystemExit(f"--original: the comparison uses the original's uniform t on the linear path; "
+                         f"the preset has t_dist={o.t_dist!r}, path={o.path!r}")
+    return convert_state_dict(original_model.state_dict(), cfg.model)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+def bench(cfg, device: str, batch: int, steps: int, warmup: int, autocast_bf16: bool, compile_model: bool) -> dict:
+    dev = torch.device(device)
+    step = our_step_fn(cfg, dev, batch, autocast_bf16, compile_model)
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
+    for _ in range(warmup):
+        step()
     sync()
     warmup_s = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    for i in range(steps):
-        loss = step(warmup + i)
+    for _ in range(steps):
+        loss = step()
     sync()
     elapsed = time.perf_counter() - t0
     result = dict(device=device, precision="bf16-autocast" if autocast_bf16 else "fp32", batch=batch,
@@ -81,11 +194,57 @@ def bench(cfg, device: str, batch: int, steps: int, warmup: int, autocast_bf16: 
     return result
 
 
+def timed(step) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    loss = step()
+    return time.perf_counter() - t0, float(loss)
+
+
+def side_by_side(cfg, original: Path, batch: int, rounds: int, warmup: int) -> dict:
+    """Ours and the original, CPU fp32, interleaved: `warmup` untimed steps each, then `rounds`
+    rounds of one timed step each, the order alternating (AB BA AB ...)."""
+    from tqdm import tqdm
+
+    original_step, original_model = original_step_fn(original, cfg, batch)
+    state = check_same_configuration(cfg, original_model)
+    our_step = our_step_fn(cfg, torch.device("cpu"), batch, False, False, state_dict=state)
+    del state
+    steps = {"ours": our_step, "original": original_step}
+    for _ in tqdm(range(warmup), desc="warmup (both)", leave=False):
+        for name in steps:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    for r in tqdm(range(rounds), desc="interleaved rounds", leave=False):
+        order = ["ours", "original"] if r % 2 == 0 else ["original", "ours"]
+        for name in order:
+            seconds, loss = timed(steps[name])
+            times[name].append(seconds)
+            losses[name].append(loss)
+
+    def summary(name):
+        t = times[name]
+        return dict(median_s_per_step=round(statistics.median(t), 4), min_s_per_step=round(min(t), 4),
+                    max_s_per_step=round(max(t), 4), median_steps_per_s=round(1 / statistics.median(t), 4),
+                    step_times_s=[round(x, 4) for x in t], final_loss=round(losses[name][-1], 4))
+
+    paired = [a / b for a, b in zip(times["ours"], times["original"])]
+    return dict(mode="side_by_side", device="cpu", precision="fp32", batch=batch, threads=torch.get_num_threads(),
+                warmup_steps_each=warmup, timed_steps_each=rounds, order="alternating AB BA per round",
+                original=dict(path=str(original), model=ORIGINAL_MODEL, kwargs=ORIGINAL_KWARGS,
+                              parameters=sum(p.numel() for p in original_model.parameters())),
+                ours_s=summary("ours"), original_s=summary("original"),
+                ratio_ours_over_original=round(statistics.median(times["ours"]) / statistics.median(times["original"]), 4),
+                median_paired_ratio=round(statistics.median(paired), 4))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="b1_srdit", help="ablation entry to build (default: SR-DiT-B/1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the CPU, and the GPU too when CUDA is available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; set it when comparing runs)")
     p.add_argument("--cpu-batch", type=int, default=8)
     p.add_argument("--cpu-steps", type=int, default=2)
     p.add_argument("--cpu-warmup", type=int, default=1)
@@ -93,10 +252,18 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-steps", type=int, default=20)
     p.add_argument("--gpu-warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time torch.compile on the GPU")
+    p.add_argument("--original", type=Path, default=None,
+                   help="checkout of SwayStar123/SpeedrunDiT: time ours against it side by side on the CPU")
+    p.add_argument("--rounds", type=int, default=10, help="--original: timed steps of each, interleaved")
+    p.add_argument("--warmup", type=int, default=2, help="--original: untimed steps of each first")
     args = p.parse_args(argv)
 
     from srdit.config import get_config
     cfg = get_config(args.preset)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     with torch.device("meta"):
@@ -105,8 +272,16 @@ def main(argv=None) -> int:
     m = cfg.model
     kept = max(1, int(m.num_tokens * (1 - m.sprint.drop_ratio))) if m.sprint.enabled else m.num_tokens
     report = dict(benchmark="train_step", preset=args.preset, parameters=num_params, tokens=m.num_tokens,
-                  kept_tokens=kept,
-                  torch=torch.__version__, cpu=platform.processor() or platform.machine(), results=[])
+                  kept_tokens=kept, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                  command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                  results=[])
+    if args.original is not None:
+        if args.rounds < 1 or args.warmup < 0:
+            p.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
+        report["results"].append(side_by_side(cfg, args.original.resolve(), args.cpu_batch, args.rounds,
+                                              args.warmup))
+        print(json.dumps(report, indent=2))
+        return 0
     if args.device in ("auto", "cpu"):
         report["results"].append(bench(cfg, "cpu", args.cpu_batch, args.cpu_steps, args.cpu_warmup, False, False))
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):

@@ -124,6 +124,13 @@ def init_process_group(info: LaunchInfo, device: torch.device) -> str:
     import deepspeed
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cpu":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op when the
+        # group is created (half a minute, and a C++ compiler). Only its inference all-reduce
+        # uses it; training reduces through gloo. DeepSpeed keeps the table of compatible ops
+        # as an editable dict: mark the op unavailable so that it is not built.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed and torch's env:// rendezvous read these; Slurm launches do not set them.
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
                       LOCAL_RANK=str(info.local_rank), LOCAL_WORLD_SIZE=str(info.local_world_size),

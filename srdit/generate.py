@@ -231,6 +231,8 @@ def sample_shard(snapshot: str | Path, out: str | Path, shard: int, num_shards: 
     record = {"format": SHARD_FORMAT, "complete": True, "shard": shard, "start": start, "stop": stop,
               "rows": int(len(images)), "image_shape": list(images.shape[1:]), "sha256": sha256_file(npz_path),
               "settings": settings, "device": str(device), "seconds": round(time.time() - t0, 1),
+              "backend": {"torch": torch.__version__, "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                          "cudnn_deterministic": bool(torch.backends.cudnn.deterministic)},
               "tokenizer_weights": "RANDOM INIT" if random_weights else cfg.data.tokenizer}
     write_json_atomic(json_path, record)    # written last: its presence marks the shard complete
     print(f"shard {shard}/{num_shards}: samples {start}..{stop - 1} -> {npz_path} ({record['seconds']} s)")

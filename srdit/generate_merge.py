@@ -135,7 +135,8 @@ def merge(out: str | Path, grid_size: int = GRID_SIZE) -> dict:
 
     sidecar = {**identity(settings), "batch_size": settings.get("batch_size"), "snapshot": settings.get("snapshot"),
                "num_samples": total, "image_shape": list(image_shape),
-               "shards": [{k: r[k] for k in ("shard", "start", "stop", "sha256", "device", "seconds")} for r in records],
+               "shards": [{k: r[k] for k in ("shard", "start", "stop", "sha256", "device", "seconds")}
+                          for r in records],
                "grid": {"file": "grid.png", "samples": shown}}
     write_json_atomic(out / "sampler.json", sidecar)
     print(f"merged {len(records)} shards -> {out / 'samples.npz'} (arr_0 {(total, *image_shape)} uint8), "

@@ -84,9 +84,6 @@ RESUMABLE_KEYS = ("name", "description", "train.max_steps", "train.segment_steps
                   "train.num_workers", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
                   "train.micro_batch", "train.compile", "sample", "eval")
 
-log = logging.getLogger("srdit.train")
-
-
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops and keeps its last good checkpoint."""
 
@@ -172,7 +169,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [k for k in changed if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
 
 
-def _check_or_write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+def _check_or_write_config(run_dir: Path, cfg: ExperimentConfig, write: bool = True) -> None:
+    """Refuse a config that differs from the run's config.json (beyond RESUMABLE_KEYS); then
+    (re)write it when `write` (rank 0 only)."""
     path = run_dir / "config.json"
     new = cfg.to_dict()
     if path.exists():
@@ -183,7 +182,8 @@ def _check_or_write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
                                 for k in diffs[:8])
             raise ConfigError(f"{run_dir} holds a run with another config ({details}); resume it with "
                               f"the same entry and overrides, or use a new --run-dir")
-    atomic_write_json(path, new)
+    if write:
+        atomic_write_json(path, new)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -320,6 +320,9 @@ class _Trainer:
         seg = Segment(target, t.segment_steps if segment_steps is None else segment_steps,
                       t.segment_minutes if segment_minutes is None else segment_minutes)
 
+        # every rank checks (an error on rank 0 alone would leave the others waiting), then rank 0 writes
+        _check_or_write_config(self.run_dir, cfg, write=False)
+        dist_utils.barrier()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(exist_ok=True)
@@ -350,12 +353,12 @@ class _Trainer:
 
         self.loader = _make_loader(self.cache, self.micro, self.rank, self.world, t.seed, t.num_workers, cfg,
                                    self.device)
-        if rank_state is not None:
+        if state is not None:
             self._restore_loader(state, rank_state)
         self._batches = iter(self.loader)
 
         # RNG last: nothing random may happen between here and the first step.
-        if rank_state is not None and state["world_size"] == self.world:
+        if rank_state is not None:
             restore_rng_state(rank_state["rng"], self.device)
         elif state is not None:
             seed_everything(_mix_seed(t.seed, self.step, self.rank, 0xE1A5))
@@ -385,7 +388,7 @@ class _Trainer:
                 print(f"srdit train: {e}", file=sys.stderr, flush=True)
                 self._finish("diverged", EXIT_DIVERGED, str(e))
                 return EXIT_DIVERGED
-            if self.step > self.last_saved and (self.save_at_end or reason == "preempted"):
+            if self.step > max(self.last_saved, 0) and (self.save_at_end or reason == "preempted"):
                 self._save_checkpoint(reason)
         finally:
             signals.uninstall()
@@ -440,25 +443,21 @@ class _Trainer:
             raise ConfigError(f"checkpoint {path} was written with another config (differs in {diffs[:8]}); "
                               f"resume with the same entry and overrides, or use a new --run-dir")
         saved_world = int(state["world_size"])
-        own = path / f"rank{self.rank:05d}.pt"
-        if saved_world == self.world:
-            rank_state = torch.load(own, map_location="cpu", weights_only=True)
-        else:
-            # The data position is global (the loader's state says where the sampler is in the
-            # shuffled order of the whole dataset); rank 0's copy is handed to every rank.
-            rank_state = torch.load(path / "rank00000.pt", map_location="cpu", weights_only=True)
-            if self.is_main:
-                print(f"srdit train: resuming a {saved_world}-process checkpoint on {self.world} "
-                      f"processes: weights, EMA and AdamW state are restored exactly; the per-rank "
-                      f"random streams start afresh", file=sys.stderr, flush=True)
-        return state, rank_state
+        if saved_world == self.world:      # this rank's RNG states and data position
+            return state, torch.load(path / f"rank{self.rank:05d}.pt", map_location="cpu", weights_only=True)
+        if self.is_main:
+            print(f"srdit train: resuming a {saved_world}-process checkpoint on {self.world} "
+                  f"processes: weights, EMA and AdamW state are restored exactly, the data continue "
+                  f"at sample {int(state['step']) * self.cfg.train.global_batch} of the same order; "
+                  f"the per-rank random streams start afresh", file=sys.stderr, flush=True)
+        return state, None
 
     def _restore_loader(self, state, rank_state) -> None:
         """Same world size and micro-batch: the saved position, exactly. Otherwise the position
         is recomputed: the loader counts micro-batch rounds (one micro-batch per rank each) and
         every step consumes `accumulation` of them, so step s starts at round s x accumulation,
         i.e. after s x global_batch samples of the same seeded order."""
-        if state["world_size"] == self.world and state["micro_batch"] == self.micro:
+        if rank_state is not None and state["micro_batch"] == self.micro:
             self.loader.load_state_dict(rank_state["loader"])
             return
         remapped = dict(self.loader.state_dict(), position=self.step * self.accum)
@@ -511,10 +510,10 @@ class _Trainer:
         for micro in range(self.accum):
             t0 = time.perf_counter()
             batch = self._next_batch()
+            data_s += time.perf_counter() - t0
             x0 = batch["latent"].to(self.device, non_blocking=True).float() * self.latent_scale + self.latent_bias
             y = batch["label"].to(self.device, non_blocking=True).long()
             t_cls, t_tokens = self._teacher_features(batch) if needs_teacher else (None, None)
-            data_s += time.perf_counter() - t0
             coin = (path_drop_coin(cfg.train.seed, step, micro, sprint.path_drop)
                     if sprint.enabled and sprint.path_drop > 0 else None)
             gen = _noise_generator(cfg.train.seed, step, self.rank, micro, self.device)

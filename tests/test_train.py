@@ -216,7 +216,7 @@ def assert_resumed_run_is_identical(reference: Path, resumed: Path, step: int, r
     (_, ma, ea), (_, mb, eb) = snap(reference), snap(resumed)
     assert_same(ma, mb, "snapshot.model")
     assert_same(ea, eb, "snapshot.ema")
-    # the run really moved: weights and EMA differ from the initial ones, the optimizer counted every step
+    # the run really moved: the weights left the EMA behind, and AdamW counted every step
     assert a["optimizer"]["step"] == step
     assert any(not torch.equal(a["model"][k], a["ema"][k]) for k in a["model"] if a["model"][k].is_floating_point())
 
@@ -268,6 +268,24 @@ def test_resume_after_sigterm_is_bitwise_exact_two_processes(two_process_runs):
     assert (a["world_size"], a["micro_batch"], a["accumulation"], a["zero_stage"]) == (2, 4, 1, 1)
 
 
+@pytest.mark.parametrize("stage", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_resume_is_bitwise_exact_with_other_zero_stages(stage, cache, tmp_path):
+    """Stage 0 keeps a plain torch optimizer (its own save/restore path and the trainer's own
+    clipping); stage 2 also partitions the gradients (two processes)."""
+    overrides = {"train": dict(TINY["train"], zero_stage=stage)}
+    if stage == 0:
+        assert train_here(tmp_path / "A", cache, until=2 * N, overrides=overrides) == 0
+        assert train_here(tmp_path / "B", cache, until=2 * N, overrides=overrides, signal_at=N) == EXIT_REQUEUE
+        assert train_here(tmp_path / "B", cache, until=2 * N, overrides=overrides) == 0
+    else:
+        assert launch(tmp_path, tmp_path / "A", cache, until=2 * N, overrides=overrides).returncode == 0
+        launch(tmp_path, tmp_path / "B", cache, until=2 * N, overrides=overrides, signal_at=N)
+        assert status(tmp_path / "B")["state"] == "preempted"
+        assert launch(tmp_path, tmp_path / "B", cache, until=2 * N, overrides=overrides).returncode == 0
+    assert_resumed_run_is_identical(tmp_path / "A", tmp_path / "B", 2 * N, ranks=1 if stage == 0 else 2)
+    assert state_at(tmp_path / "A", 2 * N)["zero_stage"] == stage
+
+
 def test_two_process_checkpoint_resumes_on_one_process(two_process_runs, cache, tmp_path, capfd):
     """Weights, EMA and AdamW state (moments and step count) carry over exactly: one more step on
     one process is exactly the AdamW + EMA update of the two-process state."""
@@ -317,13 +335,16 @@ def test_cli_sigterm_mid_run_checkpoints_and_rerun_continues(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "srdit", "train", ENTRY, "--run-dir", str(run), "--cache", str(cache),
            "--random-teacher", "--until-step", "200", *[a for s in SET_ARGS for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(_metric_steps(run)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:         # a file, not a pipe: nobody reads a pipe while we poll
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while len(_metric_steps(run)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, log.read_text()[-3000:]
+    assert "got SIGTERM; finishing this step" in log.read_text()
     st = status(run)
     k = st["step"]
     assert st["state"] == "preempted" and 2 <= k < 200

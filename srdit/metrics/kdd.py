@@ -106,7 +106,8 @@ def build_dinov2(arch: str = KDD_ARCH, weights: str | Path | None = None, random
         state["pos_embed"] = resample_dinov2_pos_embed(state["pos_embed"], grid)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{weights}: does not match timm {arch}; missing {missing[:5]}, unexpected {unexpected[:5]}"
+            raise ValueError(f"{weights}: does not match timm {arch}; missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}"
                              f" (expected the official dinov2_vitl14_pretrain.pth state dict)")
     return model.eval().requires_grad_(False)
 

@@ -13,7 +13,6 @@ source order) is used, as ADM's batches are random training images.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
