@@ -350,6 +350,21 @@ def test_reference_batch_from_image_folder(tmp_path, inception):
     assert sidecar["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
 
 
+def test_reference_batch_from_hdf5_image_cache(tmp_path):
+    import h5py
+
+    from srdit.metrics.reference_batch import build_reference_batch, select_indices
+
+    images = natural_crops(6, seed=5)
+    with h5py.File(tmp_path / "images.h5", "w") as f:           # the `images` dataset of `srdit prepare`
+        f["images"] = images
+        f["labels"] = np.arange(6)
+    info = build_reference_batch(tmp_path / "images.h5", tmp_path / "ref.npz", num=3, seed=2, inception="fid-helper")
+    with np.load(tmp_path / "ref.npz") as data:
+        assert np.array_equal(data["arr_0"], images[select_indices(6, 3, 2)])
+    assert info["source_kind"] == "hdf5" and info["num"] == 3 and info["source_count"] == 6
+
+
 def reference_crop(path):
     """ADM's centre crop of an 80 px square to 64 px: one bicubic resize (80 < 2 x 64), nothing cut."""
     from PIL import Image

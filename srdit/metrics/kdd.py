@@ -9,9 +9,11 @@ features match `torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14')`.
 
 Distance: polynomial kernel k(x, y) = (x.y / d + 1)^3 and the unbiased MMD^2 estimator, over
 100 subsets of m = min(1000, n_real, n_gen) real and generated features drawn without
-replacement (real first, then generated, from one numpy RandomState(13579) stream, matching
-dgm-eval after `np.random.seed(13579)`). Reported: the mean over subsets and their standard
-deviation (dgm-eval prints the latter as "kd_variance"). Computed in float64.
+replacement, real first then generated in each subset as dgm-eval draws them, from one numpy
+RandomState(13579) (dgm-eval uses the global NumPy stream, whose position we have not verified,
+so single subsets need not coincide with its; the mean over 100 subsets is what is compared).
+Reported: the mean over subsets and their standard deviation (dgm-eval prints the latter as
+"kd_variance"). Computed in float64 (dgm-eval: in the features' float32).
 """
 from __future__ import annotations
 
