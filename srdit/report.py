@@ -180,7 +180,8 @@ def plot_fid_vs_step(rows: list[Row], path: Path, title: str, random_weights: bo
             ax.plot(*zip(*paper), "s--", mfc="none", color=line.get_color(), alpha=0.6)
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (lower is better)")
-    suffix = " [RANDOM tokenizer/teacher]" if random_weights or any(r.random_weights for r in rows) else ""
+    random = random_weights or any(r.random_weights for r in rows)
+    suffix = " [RANDOM tokenizer/teacher]" if random and "random" not in title.lower() else ""
     ax.set_title(f"{title}{suffix}\nsolid: ours; hollow squares: the paper", fontsize=9)
     if len(curves) <= 20:
         ax.legend(fontsize=7)

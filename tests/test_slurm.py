@@ -134,6 +134,11 @@ def test_workflow_runs_through_slurm(cluster, tmp_path):
     assert math.isfinite(metrics["fid"]) and metrics["num_samples"] == 16
     table = (work / "results/report/ablations.csv").read_text()
     assert "test_tiny" in table and ",random," in table
+    html = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/test_slurm.yaml",
+                           "--report", "results/report/report.html"], cwd=work, env=venv_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert html.returncode == 0, html.stderr[-3000:]
+    assert "test_tiny" in (work / "results/report/report.html").read_text(errors="replace")
 
     # every job of a submitted rule went through Slurm and completed there, GPU rules with a GPU
     seen = {}

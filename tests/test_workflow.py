@@ -226,3 +226,18 @@ def test_report_says_when_weights_were_random(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "randomly initialised" in (out / "ablations.md").read_text()
     assert next(csv.DictReader((out / "ablations.csv").open()))["weights"] == "random"
+
+
+@pytest.mark.slow
+def test_test_dag_runs_end_to_end_on_this_machine(tmp_path):
+    """The whole DAG (config/test_slurm.yaml: one tiny entry) with the local profile, then
+    Snakemake's HTML report: what tests/test_slurm.py does through Slurm, for machines without it."""
+    work = copy_workflow(tmp_path)
+    result = snakemake(work, "--profile", "profiles/local", "--configfile", "config/test_slurm.yaml", timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = list(csv.DictReader((work / "results/report/ablations.csv").open()))
+    assert [r["ablation"] for r in rows] == ["test_tiny"] and rows[0]["weights"] == "random"
+    assert float(rows[0]["fid"]) > 0
+    html = snakemake(work, "--configfile", "config/test_slurm.yaml", "--report", "results/report/report.html")
+    assert html.returncode == 0, html.stderr[-3000:]
+    assert "test_tiny" in (work / "results/report/report.html").read_text(errors="replace")
