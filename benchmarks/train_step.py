@@ -253,6 +253,7 @@ def side_by_side(cfg, original: Path, device: str, batch: int, rounds: int, warm
     def ratio(series):
         return round(statistics.median(series["ours"]) / statistics.median(series["original"]), 4)
 
+    # ours / original within each round: the two steps of a round ran back to back
     paired = [a / b for a, b in zip(times["ours"], times["original"])]
     result = dict(mode="side_by_side", device=device, precision="bf16-autocast" if bf16 else "fp32", batch=batch,
                   threads=torch.get_num_threads(), warmup_steps_each=warmup, timed_steps_each=rounds,
@@ -261,7 +262,9 @@ def side_by_side(cfg, original: Path, device: str, batch: int, rounds: int, warm
                                 parameters=sum(p.numel() for p in original_model.parameters())),
                   ours_s=summary("ours"), original_s=summary("original"),
                   ratio_ours_over_original=ratio(times), cpu_ratio_ours_over_original=ratio(cpu_times),
-                  median_paired_ratio=round(statistics.median(paired), 4))
+                  median_paired_ratio=round(statistics.median(paired), 4),
+                  paired_ratio_quartiles=[round(q, 4) for q in statistics.quantiles(paired, n=4)]
+                  if len(paired) > 1 else None)
     if dev.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(dev)
     return result

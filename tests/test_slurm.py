@@ -104,11 +104,19 @@ def venv_env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def sacct_job(job_id: str) -> dict:
-    out = _run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,JobName,State,ExitCode,AllocTRES").stdout
-    rows = [line.split("|") for line in out.splitlines() if line.strip()]
-    assert rows, f"sacct knows no job {job_id}"
-    return [dict(zip(("id", "name", "state", "exit", "tres"), r)) for r in rows]
+def sacct_job(job_id: str, wait_s: float = 30) -> list[dict]:
+    """sacct's record of a job (one row per array task), once it shows a final state: slurmdbd
+    records a finished job a second or two after squeue and submitit see it end."""
+    deadline = time.time() + wait_s
+    while True:
+        out = _run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,JobName,State,ExitCode,AllocTRES").stdout
+        rows = [dict(zip(("id", "name", "state", "exit", "tres"), line.split("|")))
+                for line in out.splitlines() if line.strip()]
+        if rows and all(r["state"] not in ("PENDING", "RUNNING", "COMPLETING") for r in rows):
+            return rows
+        if time.time() > deadline:
+            raise AssertionError(f"sacct has no final record of job {job_id} after {wait_s:.0f} s: {rows}")
+        time.sleep(1)
 
 
 def test_workflow_runs_through_slurm(cluster, tmp_path):
