@@ -241,3 +241,27 @@ def test_test_dag_runs_end_to_end_on_this_machine(tmp_path):
     html = snakemake(work, "--configfile", "config/test_slurm.yaml", "--report", "results/report/report.html")
     assert html.returncode == 0, html.stderr[-3000:]
     assert "test_tiny" in (work / "results/report/report.html").read_text(errors="replace")
+
+
+def test_a_segment_that_stops_early_is_retried_and_resumes(tmp_path):
+    """What a preempted or timed-out training job does: the trainer checkpoints and exits before the
+    segment's boundary; the rule then fails with 75 and Snakemake's retry resumes the run. Here
+    train.segment_steps: 1 makes every attempt stop after one step, so each 2-step segment needs
+    exactly two attempts."""
+    work = copy_workflow(tmp_path)
+    (work / "extra.yaml").write_text(yaml.safe_dump({
+        "test_stops": {"parent": "test_tiny", "train": {"segment_steps": 1}}}))
+    (work / "overlay.yaml").write_text(yaml.safe_dump({"extra_registries": ["extra.yaml"],
+                                                       "ablations": ["test_stops"]}))
+    result = snakemake(work, "results/runs/test_stops/snapshots/step0000004.safetensors", "--cores", "2",
+                       "--retries", "1", "--configfile", "config/test_slurm.yaml", "overlay.yaml", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = work / "results/runs/test_stops"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    resumed = [e["checkpoint"] for e in events if e.get("event") == "resume"]
+    assert resumed == ["step0000001", "step0000002", "step0000003"]
+    out = result.stdout + result.stderr
+    assert out.count("Trying to restart job") == 2                  # one retry per segment
+    assert "exit code: 75" in out or "exit status 75" in out, out[-3000:]
+    for step in (2, 4):
+        assert (run / f"snapshots/step{step:07d}.safetensors").exists()

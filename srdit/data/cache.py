@@ -81,6 +81,15 @@ def joined_path(path: str | Path, kind: str) -> Path:
 # Checksums
 # --------------------------------------------------------------------------------------------
 
+def join_request(out: str | Path, listed: list[str], kind: str) -> tuple[list[Path], Path]:
+    """`--join [SHARD...] --out OUT` -> (shards to join, joined file). With no shard listed, every
+    shard*.h5 of OUT's folder (OUT itself when it is a folder) is joined."""
+    out = Path(out)
+    folder = out.parent if out.suffix == ".h5" else out
+    shards = [Path(p) for p in listed] or sorted(folder.glob("shard*.h5"))
+    return shards, out if out.suffix == ".h5" else out / JOINED_NAMES[kind]
+
+
 def _as_bytes(values: np.ndarray):
     """The bytes a dataset's rows are hashed as: raw array bytes, or UTF-8 lines for strings."""
     if values.dtype.kind in "OUS":

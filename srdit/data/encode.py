@@ -28,7 +28,7 @@ from tqdm import tqdm
 from srdit.config import parse_overrides
 from srdit.resources import MissingResourceError
 
-from .cache import (FORMAT_VERSION, IMAGES, JOINED_NAMES, LATENTS, CacheError, ShardedArrays, ShardWriter,
+from .cache import (join_request, FORMAT_VERSION, IMAGES, JOINED_NAMES, LATENTS, CacheError, ShardedArrays, ShardWriter,
                     finished_shard, join_shards, open_cache, shard_attrs, shard_path, split_range)
 
 # Everything a latent shard was built with; shards join only when these agree.
@@ -183,8 +183,7 @@ def run(args) -> int:
     out = Path(args.out)
     try:
         if args.join is not None:
-            shards = [Path(p) for p in args.join] or sorted((out if out.suffix != ".h5" else out.parent).glob("shard*.h5"))
-            join_latents(shards, out if out.suffix == ".h5" else out / JOINED_NAMES[LATENTS])
+            join_latents(*join_request(out, args.join, LATENTS))
             return 0
         if not args.images:
             print("srdit encode: --images is required (except with --join)", file=sys.stderr)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .cache import (FORMAT_VERSION, IMAGES, JOINED_NAMES, STR, CacheError, ShardWriter, finished_shard,
+from .cache import (join_request, FORMAT_VERSION, IMAGES, JOINED_NAMES, STR, CacheError, ShardWriter, finished_shard,
                     join_shards, shard_attrs, shard_path, split_range, temp_path)
 from .crop import load_and_crop
 
@@ -182,8 +182,7 @@ def run(args) -> int:
     out = Path(args.out)
     try:
         if args.join is not None:
-            shards = [Path(p) for p in args.join] or sorted((out if out.suffix != ".h5" else out.parent).glob("shard*.h5"))
-            join_images(shards, out if out.suffix == ".h5" else out / JOINED_NAMES[IMAGES])
+            join_images(*join_request(out, args.join, IMAGES))
             return 0
         if not args.src or not args.resolution:
             print("srdit prepare: --src and --resolution are required (except with --join)", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from srdit.resources import MissingResourceError, sha256_file
+from srdit.data.crop import adm_center_crop
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -35,21 +36,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default=None)
     parser.set_defaults(func=run)
-
-
-def adm_center_crop(image, size: int) -> np.ndarray:
-    """ADM's crop: halve with a box filter while the short side >= 2 size, bicubic-resize the short side
-    to `size`, then cut the central size x size square."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
 
 
 class ImageSource:

@@ -15,8 +15,10 @@ rule demo_images:
         f"{RESULTS}/benchmarks/demo_images.tsv"
     conda:
         "../../envs/srdit.yaml"
+    params:
+        per_class=config["data"]["demo_per_class"],
     shell:
-        "python -m srdit demo-data --out {output} > {log} 2>&1"
+        "python -m srdit demo-data --out {output} --per-class {params.per_class} > {log} 2>&1"
 
 
 rule prepare_images:

@@ -28,9 +28,9 @@ rule train_segment:
         "../../envs/srdit.yaml"
     shell:
         # A segment that stopped early (time budget, preemption) exits 75, "try again": the
-        # resubmitted job (profile `retries`) resumes from the checkpoint it wrote.
-        # >> keeps the log of every attempt.
+        # resubmitted job (profile `retries`) resumes from the checkpoint it wrote. Snakemake
+        # clears the log of an attempt that is retried; the run's metrics.jsonl keeps every one.
         "{params.launcher} -m srdit train {wildcards.run} --run-dir {params.run_dir}"
-        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} >> {log} 2>&1;"
+        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} > {log} 2>&1;"
         " test -e {output} || {{ echo 'srdit: segment stopped before step {params.step};"
         " rerun to resume from its checkpoint' >> {log}; exit 75; }}"
