@@ -8,7 +8,8 @@ is the real objective (`srdit.transport.training_losses`: flow matching + REG + 
 checkout of SwayStar123/SpeedrunDiT (c24c2ff). Its `models/sit.py` (`SiT-B/1`, built with the
 arguments its train.py passes) and `loss.py` (`SILoss`) are imported from PATH at run time, both
 models start from the same weights (the original's, converted by `srdit.convert`), see the same
-batch, use the same AdamW settings, thread count and precision, and their timed steps are
+batch, use the same AdamW (as the original train.py builds it), thread count and precision (CPU:
+float32; CUDA: bf16 autocast), and their timed steps are
 interleaved (the order alternates every round: AB BA AB ...) so that load from other processes
 hits both alike. Prints one JSON object. Examples (see benchmarks/README.md):
 
@@ -47,7 +48,8 @@ def make_batch(cfg, batch: int, device: torch.device, seed: int = 0):
     return [v.to(device) for v in (x0, y, teacher_cls, teacher_tokens)]
 
 
-def make_adamw(params, train_cfg, fused: bool) -> torch.optim.AdamW:
+def make_adamw(params, train_cfg, fused: bool | None) -> torch.optim.AdamW:
+    """fused None: torch's default choice, which is what the original train.py gets."""
     return torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
                              weight_decay=train_cfg.weight_decay, fused=fused)
 
@@ -57,9 +59,8 @@ def make_adamw(params, train_cfg, fused: bool) -> torch.optim.AdamW:
 # --------------------------------------------------------------------------------------------
 
 def our_step_fn(cfg, dev: torch.device, batch: int, autocast_bf16: bool, compile_model: bool,
-                state_dict: dict | None = None, fused_adamw: bool | None = None):
-    """A closure running one training step of our model; returns the (detached) total loss.
-    `fused_adamw` None: fused on CUDA (what our trainer's optimizer does), plain elsewhere."""
+                fused_adamw: bool | None, state_dict: dict | None = None):
+    """A closure running one training step of our model; returns the (detached) total loss."""
     from srdit.models import build_model
     from srdit.transport import training_losses
 
@@ -70,7 +71,7 @@ def our_step_fn(cfg, dev: torch.device, batch: int, autocast_bf16: bool, compile
     model = model.to(dev).train()
     step_model = torch.compile(model) if compile_model else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(params, cfg.train, fused=dev.type == "cuda" if fused_adamw is None else fused_adamw)
+    opt = make_adamw(params, cfg.train, fused=fused_adamw)
     x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -114,18 +115,16 @@ def original_step_fn(path: Path, cfg, dev: torch.device, batch: int, autocast_bf
 
     The step is train.py's inner loop without accelerate: SILoss forward (under bf16 autocast
     when asked: train.py's `--mixed-precision bf16`; off is `--mixed-precision no`), the weighted
-    sum of its terms, backward, clip_grad_norm_ over model.parameters(), AdamW step (not fused,
-    as train.py builds it), zero_grad. The REPA target is [teacher CLS ; teacher tokens] as
-    train.py builds it for DINOv2."""
+    sum of its terms, backward, clip_grad_norm_ over model.parameters(), AdamW step (built as
+    train.py builds it: torch's default implementation), zero_grad. The REPA target is
+    [teacher CLS ; teacher tokens], as train.py builds it for DINOv2."""
     sit, loss = import_original(path)
     torch.manual_seed(0)
     model = sit.SiT_models[ORIGINAL_MODEL](**ORIGINAL_KWARGS).to(dev).train()
     o = cfg.objective
-    loss_fn = loss.SILoss(prediction="v", path_type=o.path,
-                          weighting="uniform",
-                          cfm_weighting=o.cfm_weighting, apply_time_shift=o.time_shift,
-                          shift_base=o.shift_base)
-    opt = make_adamw(model.parameters(), cfg.train, fused=False)
+    loss_fn = loss.SILoss(prediction="v", path_type=o.path, weighting="uniform", cfm_weighting=o.cfm_weighting,
+                          apply_time_shift=o.time_shift, shift_base=o.shift_base)
+    opt = make_adamw(model.parameters(), cfg.train, fused=None)
     x0, y, teacher_cls, teacher_tokens = make_batch(cfg, batch, dev)
     zs = [torch.cat([teacher_cls.unsqueeze(1), teacher_tokens], dim=1)]
 
@@ -168,7 +167,7 @@ def check_same_configuration(cfg, original_model) -> dict:
 
 def bench(cfg, device: str, batch: int, steps: int, warmup: int, autocast_bf16: bool, compile_model: bool) -> dict:
     dev = torch.device(device)
-    step = our_step_fn(cfg, dev, batch, autocast_bf16, compile_model)
+    step = our_step_fn(cfg, dev, batch, autocast_bf16, compile_model, fused_adamw=dev.type == "cuda")
 
     def sync():
         if dev.type == "cuda":
@@ -212,14 +211,14 @@ def timed(step, sync) -> tuple[float, float, float]:
 def side_by_side(cfg, original: Path, device: str, batch: int, rounds: int, warmup: int) -> dict:
     """Ours and the original, interleaved: `warmup` untimed steps each, then `rounds` rounds of
     one timed step each, the order alternating (AB BA AB ...). CPU: float32; CUDA: bf16 autocast
-    (TF32 allowed, as train.py --allow-tf32). Both use the same plain (not fused) AdamW."""
+    (TF32 allowed, as train.py --allow-tf32). Both use AdamW as the original train.py builds it."""
     from tqdm import tqdm
 
     dev = torch.device(device)
     bf16 = dev.type == "cuda"
     original_step, original_model = original_step_fn(original, cfg, dev, batch, bf16)
     state = check_same_configuration(cfg, original_model)
-    our_step = our_step_fn(cfg, dev, batch, bf16, False, state_dict=state, fused_adamw=False)
+    our_step = our_step_fn(cfg, dev, batch, bf16, False, fused_adamw=None, state_dict=state)
     del state
 
     def sync():

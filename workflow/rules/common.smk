@@ -28,7 +28,9 @@ RESOURCES_DIR = config["resources_dir"]
 DATASET = config["data"]["name"]
 RANDOM = bool(config["random_weights"])
 # Names that cannot also be ablation or group names, because they are rules of their own.
-RESERVED_TARGETS = {"all", "weights", "report", "demo_images"}
+RESERVED_TARGETS = {"all", "weights", "report", "demo_images", "prepare_images", "join_images", "encode_latents",
+                    "join_latents", "reference_batch", "train_segment", "sample_shard", "merge_samples",
+                    "evaluate"} | {f"fetch_{key.replace('-', '_')}" for key in RESOURCES}
 
 # ------------------------------------------------------------------------------ the registry
 
