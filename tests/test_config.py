@@ -149,3 +149,18 @@ def test_guidance_needs_an_unconditional_branch():
     with pytest.raises(ConfigError, match=r"sample\.null_label_guidance"):
         get_config("b1_srdit", overrides={"sample": {"cfg_scale": 1.5, "path_drop_guidance": False,
                                                      "null_label_guidance": False}})
+
+
+def test_evaluation_only_rows_share_runs_but_changed_children_train_their_own(tmp_path):
+    from srdit.report import inherited_meta
+
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("b1_srdit_swiglu:\n  parent: b1_srdit\n  model: {mlp_act: swiglu}\n"
+                     "b1_srdit_nfe50:\n  parent: b1_srdit\n  sample: {num_steps: 50}\n")
+    registry = load_registry(extra)
+    trained = "b1_sprint_rms_rope_qknorm_valres_cfm_ts"
+    assert inherited_meta("b1_srdit", registry, "train_from") == trained
+    assert inherited_meta("b1_srdit_ckpt100k", registry, "train_from") == trained
+    assert inherited_meta("b1_valres_cfg2.3_gh0.75", registry, "train_from") == "b1_sprint_rms_rope_qknorm_valres"
+    assert inherited_meta("b1_srdit_nfe50", registry, "train_from") == trained
+    assert inherited_meta("b1_srdit_swiglu", registry, "train_from") is None
