@@ -1,7 +1,7 @@
 """Tokenizers and teachers: E2E-INVAE against the golden fixtures of the original code, the
 official checkpoint layout and loader rules, SD-VAE through diffusers, the DINOv2 teacher.
 
-The E2E-INVAE fixtures (/work/shared/fixtures/invae, or $SRDIT_INVAE_FIXTURES) are read for
+The E2E-INVAE fixtures (../shared/fixtures/invae beside the checkout, or $SRDIT_INVAE_FIXTURES) are read for
 every size: the small model's settings from config.json, shapes from the tensors, the official
 layout and parameter counts from keys.json, and every case*.safetensors file found.
 """
@@ -19,7 +19,9 @@ from srdit.teachers import TeacherWeightsError, load_teacher
 from srdit.tokenizers import TokenizerWeightsError, images_to_input, load_tokenizer, output_to_uint8
 from srdit.tokenizers.invae import INVAE_F16D32, build_invae, invae_from_config, load_invae_weights
 
-FIXTURES = Path(os.environ.get("SRDIT_INVAE_FIXTURES", "/work/shared/fixtures/invae"))
+# The fixtures sit in shared/ beside the checkout; $SRDIT_INVAE_FIXTURES points elsewhere.
+FIXTURES = Path(os.environ.get("SRDIT_INVAE_FIXTURES",
+                               Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "invae"))
 needs_fixtures = pytest.mark.skipif(not (FIXTURES / "config.json").exists(),
                                     reason=f"E2E-INVAE fixtures not found at {FIXTURES} (set SRDIT_INVAE_FIXTURES)")
 CASES = sorted(FIXTURES.glob("case*.safetensors")) if FIXTURES.exists() else []
