@@ -1,5 +1,6 @@
 """Test options: slow end-to-end tests are skipped unless asked for."""
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -14,3 +15,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,13 +14,7 @@ from srdit.models import ModelOutput, build_model
 from srdit.models.tables import apply_rope, rope_tables_2d, rotate_adjacent_pairs, sincos_pos_embed_2d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> ModelConfig:

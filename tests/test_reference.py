@@ -38,12 +38,7 @@ def _has_time_grid() -> bool:
 needs_time_grid = pytest.mark.skipif(not _has_time_grid(), reason="srdit.sample.time_grid is not written yet")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_copy import copy_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("SRDIT_REQUIRE_SLURM") == "1"
@@ -28,15 +29,6 @@ SUBMITTED = ("prepare_images", "encode_latents", "reference_batch", "train_segme
 GPU_RULES = ("encode_latents", "train_segment", "sample_shard", "evaluate")
 
 
-def copy_workflow(dest: Path) -> Path:
-    """The workflow's files in a scratch folder (results/ of the checkout stay untouched)."""
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dest / name)
-    return dest
 
 
 def _run(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -7,31 +7,21 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from workflow_copy import copy_workflow
 
 from srdit.config import get_config, load_registry
 from srdit.report import inherited_meta
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
 PAPER_GROUPS = ("ladder", "cfm_variants", "progression", "guidance", "side", "xl1")
 
 
-def copy_workflow(dest: Path) -> Path:
-    """The workflow's files in a scratch folder, so that runs never see the checkout's results/."""
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dest / name)
-    return dest
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
