@@ -22,9 +22,11 @@ from srdit.reference import (
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("SRDIT_REFERENCE_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference"))
 
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "config.json").exists(),
-    reason=f"reference fixtures not found at {FIXTURES} (set SRDIT_REFERENCE_FIXTURES to the folder)")
+pytestmark = [
+    pytest.mark.skipif(not (FIXTURES / "config.json").exists(),
+                       reason=f"reference fixtures not found at {FIXTURES} (set SRDIT_REFERENCE_FIXTURES to the folder)"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _has_time_grid() -> bool:
@@ -37,8 +39,6 @@ def _has_time_grid() -> bool:
 
 needs_time_grid = pytest.mark.skipif(not _has_time_grid(), reason="srdit.sample.time_grid is not written yet")
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
