@@ -344,6 +344,13 @@ class _Trainer:
             model.load_state_dict(state["model"], strict=True)      # before DeepSpeed copies it
             self.ema.load_state_dict(state["ema"])
             self.step = int(state["step"])
+            snapshot = self.snap_root / f"{step_tag(self.step)}.safetensors"
+            if self.is_main and not snapshot.exists():
+                # The snapshot of the resumed step went missing (e.g. the workflow deleted the output of
+                # a job that failed after writing it): write it again, or a rerun ending at this step
+                # would leave its output absent.
+                save_snapshot(snapshot, {k: v.cpu() for k, v in state["model"].items()},
+                              {k: v.cpu() for k, v in state["ema"].items()}, cfg.to_json(), self.step)
         if t.compile:
             model.compile()
 

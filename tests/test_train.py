@@ -420,6 +420,21 @@ def test_segment_bounds_in_steps_and_minutes(single_runs, cache, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.step_tag(2 * N + 3)
 
 
+def test_rerun_at_the_target_step_rewrites_a_missing_snapshot(single_runs, cache, tmp_path):
+    # Snakemake deletes the outputs of a job that failed after writing them; the rerun resumes at
+    # the target step and must put the snapshot back, identical.
+    run = tmp_path / "run"
+    shutil.copytree(single_runs / "A", run)
+    snapshot = run / "snapshots" / f"{ckpt.step_tag(2 * N)}.safetensors"
+    meta, model, ema = ckpt.read_snapshot(snapshot)
+    snapshot.unlink()
+    assert train_here(run, cache, until=2 * N) == 0
+    meta2, model2, ema2 = ckpt.read_snapshot(snapshot)
+    assert meta2 == meta, {k: (meta[k], meta2.get(k)) for k in meta if meta[k] != meta2.get(k)}
+    assert_same(model2, model, "model")
+    assert_same(ema2, ema, "ema")
+
+
 def test_resume_with_another_config_is_refused(single_runs, cache, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(single_runs / "A", run)
