@@ -448,11 +448,32 @@ def get_config(name: str, *extra_registries: str | Path, overrides: dict | None 
 
 
 def entry_meta(name: str, *extra_registries: str | Path) -> dict[str, Any]:
-    """The descriptive keys of an entry (paper numbers, train_from, eval_steps...)."""
+    """The descriptive keys the entry itself sets (paper numbers, train_from, eval_steps...); for
+    `train_from` and `group` as inherited from parents, use `inherited_meta`."""
     registry = load_registry(*extra_registries)
     if name not in registry:
         raise ConfigError(f"ablation {name!r}: unknown; allowed: {', '.join(sorted(registry))}")
     return {k: v for k, v in registry[name].items() if k in ENTRY_META_KEYS}
+
+
+# Sections that change what a run trains; an entry that patches one of them trains its own run.
+TRAINING_SECTIONS = ("model", "objective", "data", "train")
+
+
+def inherited_meta(name: str, registry: dict[str, dict], key: str):
+    """A descriptive key of entry `name`, taken from the nearest entry of its parent chain that sets
+    it. Used for `train_from` and `group`, which an entry shares with its parent (the 100K
+    checkpoint row inherits the run of the 50K row); `paper` and `description` are never inherited."""
+    seen = []
+    while name is not None and name not in seen:
+        seen.append(name)
+        entry = registry.get(name, {})
+        if key in entry:
+            return entry[key]
+        if key == "train_from" and any(section in entry for section in TRAINING_SECTIONS):
+            return None     # it changes what is trained: a new run, not an evaluation of the parent's
+        name = entry.get("parent")
+    return None
 
 
 def list_presets(*extra_registries: str | Path) -> list[str]:

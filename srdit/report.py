@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from srdit.config import get_config, load_registry
+from srdit.config import get_config, inherited_meta, load_registry
 
 # Our metric name -> keys under which an evaluate JSON may hold it (top level or under "metrics").
 METRICS = {
@@ -37,24 +37,6 @@ RANDOM_NOTE = ("**The tokenizer and the teacher were randomly initialised** (no 
                "SR-DiT and must not be compared with the paper.")
 
 
-# Sections that change what a run trains; an entry that patches one of them trains its own run.
-TRAINING_SECTIONS = ("model", "objective", "data", "train")
-
-
-def inherited_meta(name: str, registry: dict[str, dict], key: str):
-    """A descriptive key of entry `name`, taken from the nearest entry of its parent chain that sets
-    it. Used for `train_from` and `group`, which an entry shares with its parent (the 100K
-    checkpoint row inherits the run of the 50K row); `paper` and `description` are never inherited."""
-    seen = []
-    while name is not None and name not in seen:
-        seen.append(name)
-        entry = registry.get(name, {})
-        if key in entry:
-            return entry[key]
-        if key == "train_from" and any(section in entry for section in TRAINING_SECTIONS):
-            return None     # it changes what is trained: a new run, not an evaluation of the parent's
-        name = entry.get("parent")
-    return None
 
 
 @dataclass

@@ -152,7 +152,7 @@ def test_guidance_needs_an_unconditional_branch():
 
 
 def test_evaluation_only_rows_share_runs_but_changed_children_train_their_own(tmp_path):
-    from srdit.report import inherited_meta
+    from srdit.config import inherited_meta
 
     extra = tmp_path / "mine.yaml"
     extra.write_text("b1_srdit_swiglu:\n  parent: b1_srdit\n  model: {mlp_act: swiglu}\n"

@@ -16,7 +16,7 @@ import yaml
 from workflow_copy import copy_workflow
 
 from srdit.config import get_config, load_registry
-from srdit.report import inherited_meta
+from srdit.config import inherited_meta
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GROUPS = ("ladder", "cfm_variants", "progression", "guidance", "side", "xl1")

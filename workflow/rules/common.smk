@@ -19,7 +19,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from srdit.config import ConfigError, build_config, load_registry, resolve_entry
-from srdit.report import inherited_meta
+from srdit.config import inherited_meta
 from srdit.resources import RESOURCES
 from srdit.sample import sampler_tag
 
