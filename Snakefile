@@ -1,8 +1,10 @@
 # srdit: reproduce Speedrunning ImageNet Diffusion (SR-DiT) and each of its ablations.
 #
 #   snakemake --profile profiles/local                                   # the CPU demo (default config)
-#   snakemake --profile profiles/slurm --configfile config/imagenet256.yaml            # the paper
-#   snakemake --profile profiles/slurm --configfile config/imagenet256.yaml b1_srdit   # one row
+#   snakemake --profile profiles/slurm --configfile=config/imagenet256.yaml            # the paper
+#   snakemake --profile profiles/slurm --configfile=config/imagenet256.yaml b1_srdit   # one row
+# Write `--configfile=FILE` with "=": the option takes several files, so in
+# `--configfile FILE TARGET` the target would be read as a second config file.
 #
 # weights -> prepare -> encode -> train (segments) -> sample (shards) -> merge -> evaluate -> report
 

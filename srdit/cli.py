@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reference-batch": ("srdit.metrics.reference_batch", "build an ADM-format reference batch .npz from images"),
     "verify-release": ("srdit.verify", "download, convert, sample and evaluate the released SR-DiT-B/1"),
     "launch": ("srdit.launch", "submit a stage through submitit (Slurm or local)"),
+    "status": ("srdit.status", "one table of every training run: step, speed, ETA, checkpoint, state, job"),
     "report": ("srdit.report", "ablation tables, FID-vs-step curves and sample grids"),
 }
 

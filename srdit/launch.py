@@ -2,12 +2,21 @@
 
     srdit launch encode --shards 8 -- --images results/cache/imagenet/images256/images.h5 \\
         --out results/cache/imagenet/latents256/shard.h5 --tokenizer e2e-invae --teacher dinov2_vitb14
-    srdit launch train --wait -- b1_srdit --run-dir results/runs/b1_srdit --cache .../cache.h5
+    srdit launch train --configfile config/imagenet256.yaml --wait -- b1_srdit
 
-The stage runs exactly the command the workflow's rule runs (`python -m srdit STAGE ...`), in a
-subprocess of the submitit job. With `--shards N` it is a job array of N tasks, task i running
-the command with `--shard i --num-shards N` appended. `train` with more than one GPU runs under
-torchrun, one launcher owning all GPUs of the node.
+The stage runs the command the workflow's rule runs (`python -m srdit STAGE ...`, with this
+process's interpreter), in a subprocess of the submitit job. With `--shards N` it is a job array
+of N tasks, task i running the command with `--shard i --num-shards N` appended. `train` with
+more than one GPU runs under `python -m torch.distributed.run`, one launcher owning all GPUs of
+the node.
+
+`train ROW` trains the run the workflow trains for that row, under the workflow config given by
+`--configfile` (on top of config/config.yaml, as Snakemake reads it): an evaluation-only row
+(b1_srdit) resolves to the run it samples, and the run directory, latent cache and flags are the
+workflow's (srdit.layout), so a run launched by hand is the one the workflow reuses, and vice
+versa. A `--run-dir` or `--cache` that disagrees is refused. It trains up to the run's last step
+(`--until-step` to stop earlier); the snapshots it writes at the segment boundaries are the
+workflow's outputs.
 
 Preemption and time limits: submitit signals the job (SIGUSR2, `--signal-delay-s` before the
 limit); `StageCommand.checkpoint` then sends SIGTERM to the stage, whose trainer writes a
@@ -16,14 +25,19 @@ requeued job runs the same command, which resumes. Shards are redone from their 
 
 Resources: per stage, the defaults are the per-rule values of the Slurm profile
 (profiles/slurm/config.yaml: its `site` block and `set-resources`), so the site is edited in one
-place; every value can be overridden on the command line. `--cluster local` runs the jobs as
-local processes through submitit's LocalExecutor (no Slurm needed); `--cluster debug` runs them
-in this process.
+place; every value can be overridden on the command line. They become the sbatch options the
+profile's executor plugin would use (`sbatch_options`): `--mem=<mem_mb>M` (Slurm's M is the MiB
+Snakemake's mem_mb is passed as, exact), `--gpus=[MODEL:]N` for `gpu`/`gpu_model`, `--gres=...`
+for `gres`. `--dry-run` prints the resolved command and sbatch options and submits nothing.
+`--cluster local` runs the jobs as local processes through submitit's LocalExecutor (no Slurm
+needed); `--cluster debug` runs them in this process.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +56,8 @@ STAGE_RULES = {
     "evaluate": "evaluate", "reference-batch": "reference_batch", "report": "report",
 }
 SHARDED_STAGES = ("prepare", "encode", "sample")
+# commands that are not stages to submit (they read or plan; they run where you are)
+NOT_STAGES = ("launch", "status", "plan")
 DEFAULT_PROFILE = Path("profiles/slurm/config.yaml")
 
 
@@ -51,9 +67,18 @@ class JobResources:
     account: str | None = None
     gpus: int = 0
     gpu_model: str | None = None
+    gres: str | None = None         # a profile's `gres` (e.g. gpu:h100:8), passed as --gres
     cpus: int = 2
     mem_mb: int = 8000
     minutes: int = 60
+
+
+def gres_gpus(gres: str | None) -> int:
+    """GPUs of a GRES request: gpu:8 and gpu:h100:8 -> 8, gpu -> 1, anything else -> 0."""
+    match = re.fullmatch(r"gpu(?::[A-Za-z0-9_.]+)?(?::(\d+))?", (gres or "").strip())
+    if not match:
+        return 0
+    return int(match.group(1) or 1)
 
 
 def profile_resources(stage: str, profile: Path | None) -> JobResources:
@@ -68,18 +93,96 @@ def profile_resources(stage: str, profile: Path | None) -> JobResources:
     res.account = values.get("slurm_account") or None
     res.gpus = int(values.get("gpu", 0) or 0)
     res.gpu_model = values.get("gpu_model") or None
+    res.gres = values.get("gres") or None
+    if not res.gpus and res.gres:
+        res.gpus = gres_gpus(res.gres)
     res.cpus = int(values.get("cpus_per_task", res.cpus))
     res.mem_mb = int(values.get("mem_mb", res.mem_mb))
     res.minutes = int(values.get("runtime", res.minutes))
     return res
 
 
+def sbatch_options(res: JobResources) -> dict[str, str]:
+    """The sbatch options (name -> value) for `res`, as snakemake-executor-plugin-slurm builds
+    them from the same profile: memory in MiB exactly as given (`--mem=480000M`, never rounded to
+    GB: 480 GB would be 491,520 MiB and may exceed a node), GPUs as `--gpus=[MODEL:]N` or the
+    profile's `--gres`."""
+    opts = {"time": str(res.minutes), "cpus-per-task": str(res.cpus), "mem": f"{int(res.mem_mb)}M"}
+    if res.partition:
+        opts["partition"] = res.partition
+    if res.account:
+        opts["account"] = res.account
+    if res.gres:
+        opts["gres"] = res.gres
+    elif res.gpus and res.gpu_model:
+        opts["gpus"] = f"{res.gpu_model}:{res.gpus}"
+    elif res.gpus:
+        opts["gpus"] = str(res.gpus)
+    return opts
+
+
 def stage_command(stage: str, args: list[str], gpus: int) -> list[str]:
-    """The command a job runs: the CLI stage, under torchrun when training on several GPUs."""
+    """The command a job runs: the CLI stage with this interpreter, under
+    `python -m torch.distributed.run` (torchrun) when training on several GPUs."""
     if stage == "train" and gpus > 1:
-        return ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(gpus),
-                "-m", "srdit", stage, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc-per-node", str(gpus), "-m", "srdit", stage, *args]
     return [sys.executable, "-m", "srdit", stage, *args]
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1:]
+    return None
+
+
+def _drop_option(args: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def resolve_train_args(args: list[str], configfiles=(), root: str | Path = ".") -> tuple[list[str], str]:
+    """`ROW [--until-step N] [other train options]` -> the arguments of `srdit train` the workflow
+    would give ROW's run (srdit.layout), and a line saying which run that is.
+
+    Raises ValueError when `--run-dir`/`--cache` disagree with the workflow's, or when `--registry`
+    or `--resources` are given (they come from the workflow config's extra_registries and
+    resources_dir)."""
+    from srdit import layout
+
+    if not args or args[0].startswith("-"):
+        raise ValueError("srdit launch train: give the row first: srdit launch train [options] -- ROW "
+                         "[--until-step N]; ROW is an entry of config/ablations.yaml")
+    row, rest = args[0], list(args[1:])
+    config = layout.load_workflow_config(configfiles, root)
+    job = layout.resolve_train(row, config)
+    for name, expected in (("--run-dir", job.run_dir), ("--cache", job.cache)):
+        given = _option_value(rest, name)
+        if given is not None and os.path.normpath(given) != os.path.normpath(expected):
+            raise ValueError(f"srdit launch train: row {row} trains in {job.run_dir} on {job.cache} under this "
+                             f"workflow config (the run the workflow trains and reuses); {name} {given} would "
+                             f"train a run the workflow never uses. Leave {name} out.")
+        rest = _drop_option(rest, name)
+    for name in ("--registry", "--resources"):
+        if _option_value(rest, name) is not None:
+            raise ValueError(f"srdit launch train: {name} comes from the workflow config "
+                             f"(extra_registries, resources_dir); pass the config with --configfile instead")
+    until = _option_value(rest, "--until-step")
+    rest = _drop_option(rest, "--until-step")
+    resolved = job.args(int(until) if until is not None else None) + rest
+    what = (f"row {row}" + (f" samples run {job.run}" if job.run != row else "") +
+            f": training {job.run} in {job.run_dir}")
+    return resolved, what
 
 
 def _ignore_submitit_signal() -> None:
@@ -139,19 +242,21 @@ def make_executor(stage: str, res: JobResources, cluster: str | None, folder: st
 
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues)
     params = dict(name=f"srdit-{stage}", timeout_min=res.minutes, nodes=1, tasks_per_node=1,
-                  cpus_per_task=res.cpus, mem_gb=max(1, res.mem_mb // 1000))
+                  cpus_per_task=res.cpus)
     if executor.cluster == "slurm":
-        params.update(slurm_signal_delay_s=signal_delay_s, slurm_array_parallelism=array_parallelism)
+        opts = sbatch_options(res)
+        params.update(slurm_signal_delay_s=signal_delay_s, slurm_array_parallelism=array_parallelism,
+                      slurm_mem=opts["mem"])
         if res.partition:
             params["slurm_partition"] = res.partition
         if res.account:
             params["slurm_account"] = res.account
-        if res.gpus and res.gpu_model:
-            params["slurm_gres"] = f"gpu:{res.gpu_model}:{res.gpus}"     # typed GPUs
-        elif res.gpus:
-            params["gpus_per_node"] = res.gpus
+        if "gres" in opts:
+            params["slurm_gres"] = opts["gres"]
+        if "gpus" in opts:
+            params["slurm_additional_parameters"] = {"gpus": opts["gpus"]}
     else:
-        params["gpus_per_node"] = res.gpus
+        params.update(mem_gb=max(1, res.mem_mb // 1000), gpus_per_node=res.gpus)
     executor.update_parameters(**params)
     return executor
 
@@ -159,15 +264,17 @@ def make_executor(stage: str, res: JobResources, cluster: str | None, folder: st
 def launch(stage: str, args: list[str], *, shards: int | None = None, cluster: str | None = None,
            folder: str = "results/submitit/%j", profile: str | Path | None = DEFAULT_PROFILE,
            overrides: dict | None = None, max_requeues: int = 5, array_parallelism: int = 256,
-           signal_delay_s: int = 90) -> list:
+           signal_delay_s: int = 90, configfiles=(), dry_run: bool = False) -> list:
     """Submit `srdit STAGE args` (or its N shards as a job array); returns the submitit jobs.
 
-    `overrides` may set any JobResources field (partition, account, gpus, gpu_model, cpus,
-    mem_mb, minutes) on top of the profile's values for the stage."""
+    `overrides` may set any JobResources field (partition, account, gpus, gpu_model, gres, cpus,
+    mem_mb, minutes) on top of the profile's values for the stage. For `train`, `args` start with
+    a row of the registry and are resolved to the workflow's run under `configfiles`
+    (resolve_train_args). `dry_run` prints what would be submitted and returns []."""
     from srdit.cli import COMMANDS
 
-    if stage not in COMMANDS or stage == "launch":
-        allowed = [c for c in COMMANDS if c != "launch"]
+    if stage not in COMMANDS or stage in NOT_STAGES:
+        allowed = [c for c in COMMANDS if c not in NOT_STAGES]
         raise ValueError(f"srdit launch: unknown stage {stage!r}; allowed: {', '.join(allowed)}")
     if shards is not None and stage not in SHARDED_STAGES:
         raise ValueError(f"srdit launch: --shards is for the sharded stages ({', '.join(SHARDED_STAGES)}), not {stage}")
@@ -181,7 +288,17 @@ def launch(stage: str, args: list[str], *, shards: int | None = None, cluster: s
             raise ValueError(f"srdit launch: unknown resource {key!r}; allowed: {', '.join(vars(res))}")
         if value is not None:
             setattr(res, key, value)
+    if (overrides or {}).get("gres") and (overrides or {}).get("gpus") is None:
+        res.gpus = gres_gpus(res.gres)
+    if stage == "train":
+        args, what = resolve_train_args(args, configfiles)
+        print(f"srdit launch: {what}", flush=True)
     grace_s = max(10.0, signal_delay_s - 10.0)
+    if dry_run:
+        opts = " ".join(f"--{k}={v}" for k, v in sbatch_options(res).items())
+        print(f"srdit launch: sbatch {opts}" + (f" --array=0-{shards - 1}" if shards else ""), flush=True)
+        print("srdit launch: command " + shlex.join(stage_command(stage, args, res.gpus)), flush=True)
+        return []
     executor = make_executor(stage, res, cluster, folder, max_requeues, array_parallelism, signal_delay_s)
     if shards is None:
         return [executor.submit(StageCommand(stage_command(stage, args, res.gpus), grace_s))]
@@ -205,8 +322,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--account", default=None)
     parser.add_argument("--gpus", type=int, default=None, help="GPUs per job (train: one node, one process per GPU)")
     parser.add_argument("--gpu-model", default=None, help="Slurm GRES type of the GPUs, e.g. h100")
+    parser.add_argument("--gres", default=None, help="a GRES request instead of --gpus, e.g. gpu:h100:8")
     parser.add_argument("--cpus", type=int, default=None, help="CPU cores per job")
-    parser.add_argument("--mem-mb", type=int, default=None, help="memory per job, MB")
+    parser.add_argument("--mem-mb", type=int, default=None, help="memory per job, MB (sbatch --mem=<N>M)")
     parser.add_argument("--minutes", type=int, default=None, help="time limit per job")
     parser.add_argument("--max-requeues", type=int, default=5,
                         help="how often a job may be requeued after a time limit")
@@ -214,6 +332,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--signal-delay-s", type=int, default=90,
                         help="seconds before the time limit at which the stage is told to checkpoint")
     parser.add_argument("--wait", action="store_true", help="wait for the jobs and exit non-zero if one failed")
+    parser.add_argument("--configfile", action="append", default=None, metavar="FILE",
+                        help="train: the workflow config (over config/config.yaml) whose run a row trains; "
+                             "repeat for several files")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved command and sbatch options; submit nothing")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -249,12 +372,13 @@ def split_arguments(rest: list[str], base: argparse.Namespace | None = None) -> 
 def run(args) -> int:
     opts, stage_args = split_arguments(args.rest, args)
     overrides = dict(partition=opts.partition, account=opts.account, gpus=opts.gpus, gpu_model=opts.gpu_model,
-                     cpus=opts.cpus, mem_mb=opts.mem_mb, minutes=opts.minutes)
+                     gres=opts.gres, cpus=opts.cpus, mem_mb=opts.mem_mb, minutes=opts.minutes)
     try:
         jobs = launch(args.stage, stage_args, shards=opts.shards, cluster=opts.cluster, folder=opts.folder,
                       profile=opts.profile or None, overrides=overrides, max_requeues=opts.max_requeues,
-                      array_parallelism=opts.array_parallelism, signal_delay_s=opts.signal_delay_s)
-    except ValueError as e:
+                      array_parallelism=opts.array_parallelism, signal_delay_s=opts.signal_delay_s,
+                      configfiles=opts.configfile or (), dry_run=opts.dry_run)
+    except ValueError as e:          # ConfigError is a ValueError too
         print(e, file=sys.stderr)
         return 2
     for job in jobs:

@@ -14,11 +14,14 @@
 #   results/logs/<rule>/..., results/benchmarks/<rule>/...
 
 import re
+import shlex
 from pathlib import Path
 
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from srdit.config import ConfigError, build_config, load_registry, resolve_entry
+from srdit import layout
 from srdit.config import inherited_meta
 from srdit.resources import RESOURCES
 from srdit.sample import sampler_tag
@@ -27,6 +30,12 @@ RESULTS = "results"
 RESOURCES_DIR = config["resources_dir"]
 DATASET = config["data"]["name"]
 RANDOM = bool(config["random_weights"])
+# The interpreter of every rule (`{PYTHON} -m srdit ...`, `{PYTHON} -m torch.distributed.run`): the
+# one running snakemake, so that the venv's python runs the jobs however snakemake was started
+# (.venv/bin/snakemake without activating the venv included; Slurm jobs inherit it through the
+# plugin, which starts each job's snakemake with the same interpreter). Under --sdm conda, the
+# environment's own `python`.
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else layout.python_command()
 # Names that cannot also be ablation or group names, because they are rules of their own.
 RESERVED_TARGETS = {"all", "weights", "report", "demo_images", "prepare_images", "join_images", "encode_latents",
                     "join_latents", "reference_batch", "train_segment", "sample_shard", "merge_samples",
@@ -51,8 +60,9 @@ CONFIGS = {name: _resolve(name) for name in REGISTRY}
 
 
 def train_run(name):
-    """The entry whose training run `name` samples: itself, or its (inherited) train_from."""
-    return inherited_meta(name, REGISTRY, "train_from") or name
+    """The entry whose training run `name` samples: itself, or its (inherited) train_from
+    (srdit.layout.train_run, which `srdit launch` and `srdit status` use too)."""
+    return layout.train_run(name, REGISTRY)
 
 
 def entry_group(name):
@@ -145,8 +155,7 @@ for _name in list(REGISTRY) + GROUPS:
 
 def cache_key(cfg):
     """Name of the latent cache an experiment trains on: what the latents were made with."""
-    teacher = cfg.data.teacher if cfg.data.cache_teacher else "noteacher"
-    return f"{cfg.data.tokenizer}-{teacher}" + ("-random" if RANDOM else "")
+    return layout.cache_key(cfg, RANDOM)
 
 
 CACHES = {cache_key(cfg): cfg.data for cfg in CONFIGS.values()}
@@ -158,8 +167,7 @@ def images_cache(res):
 
 
 def latents_cache(name):
-    cfg = CONFIGS[name]
-    return f"{RESULTS}/cache/{DATASET}/latents{cfg.data.resolution}-{cache_key(cfg)}/cache.h5"
+    return layout.latents_cache(config, CONFIGS[name])
 
 
 def resource_file(name):
@@ -315,15 +323,13 @@ def train_launcher(wildcards, resources):
     Without GPUs (the CPU demo) or with one, a plain single process."""
     gpus = int(getattr(resources, "gpu", 0) or 0)
     if gpus > 1:
-        return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus}"
-    return "python"
+        return f"{PYTHON} -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node {gpus}"
+    return PYTHON
 
 
 def train_flags(wildcards):
-    flags = [registry_args(), f"--resources {RESOURCES_DIR}"]
-    if RANDOM and not CONFIGS[wildcards.run].data.cache_teacher:
-        flags.append("--random-teacher")
-    return " ".join(f for f in flags if f)
+    """srdit.layout.train_flags: `srdit launch train` passes the same."""
+    return " ".join(shlex.quote(f) for f in layout.train_flags(config, CONFIGS[wildcards.run]))
 
 
 def train_time_budget(wildcards, resources):

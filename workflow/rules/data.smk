@@ -18,7 +18,7 @@ rule demo_images:
     params:
         per_class=config["data"]["demo_per_class"],
     shell:
-        "python -m srdit demo-data --out {output} --per-class {params.per_class} > {log} 2>&1"
+        "{PYTHON} -m srdit demo-data --out {output} --per-class {params.per_class} > {log} 2>&1"
 
 
 rule prepare_images:
@@ -36,7 +36,7 @@ rule prepare_images:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit prepare --src {input.src} --out {output} --resolution {wildcards.res}"
+        "{PYTHON} -m srdit prepare --src {input.src} --out {output} --resolution {wildcards.res}"
         " --shard {wildcards.shard} --num-shards {params.shards} --workers {threads} > {log} 2>&1"
 
 
@@ -53,7 +53,7 @@ rule join_images:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit prepare --join {input} --out {output} > {log} 2>&1"
+        "{PYTHON} -m srdit prepare --join {input} --out {output} > {log} 2>&1"
 
 
 rule encode_latents:
@@ -74,7 +74,7 @@ rule encode_latents:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit encode --images {input.images} --out {output} {params.flags}"
+        "{PYTHON} -m srdit encode --images {input.images} --out {output} {params.flags}"
         " --resources {params.resources_dir} --shard {wildcards.shard} --num-shards {params.shards}"
         " > {log} 2>&1"
 
@@ -92,7 +92,7 @@ rule join_latents:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit encode --join {input} --out {output} > {log} 2>&1"
+        "{PYTHON} -m srdit encode --join {input} --out {output} > {log} 2>&1"
 
 
 rule reference_batch:
@@ -113,4 +113,4 @@ rule reference_batch:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit reference-batch --source {input.images} --out {output} {params.flags} > {log} 2>&1"
+        "{PYTHON} -m srdit reference-batch --source {input.images} --out {output} {params.flags} > {log} 2>&1"

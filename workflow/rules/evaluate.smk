@@ -18,5 +18,5 @@ rule evaluate:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit evaluate --samples {input.samples} --reference {input.reference}"
+        "{PYTHON} -m srdit evaluate --samples {input.samples} --reference {input.reference}"
         " --out {output} {params.flags} > {log} 2>&1"

@@ -26,4 +26,4 @@ rule report:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit report --out {params.out} --title {params.title:q} {params.args} > {log} 2>&1"
+        "{PYTHON} -m srdit report --out {params.out} --title {params.title:q} {params.args} > {log} 2>&1"

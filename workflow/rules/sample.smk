@@ -22,7 +22,7 @@ rule sample_shard:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit sample --snapshot {input.snapshot} --out {params.out}"
+        "{PYTHON} -m srdit sample --snapshot {input.snapshot} --out {params.out}"
         " --shard {wildcards.shard} --num-shards {params.shards} {params.flags} > {log} 2>&1"
 
 
@@ -48,4 +48,4 @@ rule merge_samples:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "python -m srdit merge {params.out} > {log} 2>&1"
+        "{PYTHON} -m srdit merge {params.out} > {log} 2>&1"

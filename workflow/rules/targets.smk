@@ -1,5 +1,5 @@
 # One target per ablation entry and per group, named after it, so that
-#   snakemake --profile profiles/slurm --configfile config/imagenet256.yaml b1_srdit
+#   snakemake --profile profiles/slurm --configfile=config/imagenet256.yaml b1_srdit
 # trains what is missing, samples and evaluates that row, and
 #   snakemake ... guidance
 # does the whole guidance grid. Any registry entry can be built by name, listed in

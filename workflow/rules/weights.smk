@@ -23,7 +23,7 @@ for _key, _res in RESOURCES.items():
         conda:
             "../../envs/srdit.yaml"
         shell:
-            "python -m srdit fetch {params.key} --root {params.root} > {log} 2>&1"
+            "{PYTHON} -m srdit fetch {params.key} --root {params.root} > {log} 2>&1"
 
 
 rule weights:
