@@ -114,24 +114,32 @@ def _slurm_job(env: dict | None) -> str | None:
     return slurm.get("SLURM_JOB_ID")
 
 
-def _lock(run_dir: Path) -> dict | None:
-    """The run lock's holder (job id, host, pid) while one is held, from srdit.runlock."""
+def _lock(run_dir: Path) -> tuple[dict | None, str]:
+    """The run lock's record (srdit.runlock: job id, host, pid, ...) and whether its holder is
+    "alive", "ending", "gone" or "unknown"; (None, "") when the run is not locked."""
     try:
         from srdit import runlock
+    except ImportError:                 # a checkout without run locks
+        return None, ""
+    try:
+        record = runlock.read_lock(run_dir)
+    except Exception as e:              # unreadable lock: say so, do not guess
+        return {"error": str(e)}, "unknown"
+    if record is None:
+        return None, ""
+    try:
+        state, _ = runlock.holder_state(runlock.Holder.from_dict(record))
+    except Exception:
+        state = "unknown"
+    return record, state
+
+
+def _diverged(run_dir: Path) -> dict | None:
+    try:
+        from srdit.runlock import DIVERGED_FILE
     except ImportError:
-        return None
-    for name in ("read_lock", "read", "holder"):
-        reader = getattr(runlock, name, None)
-        if callable(reader):
-            try:
-                info = reader(run_dir)
-            except Exception:           # a half-written or foreign lock: no holder known
-                return None
-            if info is None:
-                return None
-            return info if isinstance(info, dict) else asdict(info) if hasattr(info, "__dataclass_fields__") \
-                else vars(info)
-    return None
+        DIVERGED_FILE = "diverged.json"
+    return _read_json(run_dir / DIVERGED_FILE)
 
 
 def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
@@ -161,11 +169,15 @@ def run_status(run_dir: Path, queue: dict[str, str] | None = None) -> RunStatus:
     step = max(steps) if steps else None
     argv = (env or {}).get("argv") or []
     until = _argv_value(argv, "--until-step")
-    target = int(until) if until and until.isdigit() else None
-    max_steps = (status or {}).get("max_steps")
-    lock = _lock(run_dir)
-    job = str(lock.get("job_id") or lock.get("job") or "") if lock else None
+    target = (env or {}).get("target_step")
+    if target is None and until and until.isdigit():
+        target = int(until)
+    max_steps = (env or {}).get("max_steps") or (status or {}).get("max_steps")
+    lock, holder = _lock(run_dir)
+    live_lock = lock is not None and holder in ("alive", "ending", "unknown")
+    job = str(lock.get("job_id") or "") if live_lock else None
     job = job or _slurm_job(env)
+    diverged = _diverged(run_dir)
     img_s = float(last["img_per_s"]) if last and last.get("img_per_s") is not None else None
     steps_s = float(last["steps_per_s"]) if last and last.get("steps_per_s") else None
 
@@ -173,9 +185,13 @@ def run_status(run_dir: Path, queue: dict[str, str] | None = None) -> RunStatus:
     status_time = (run_dir / "status.json").stat().st_mtime if status is not None else None
     segment_open = env_time is not None and (status_time is None or env_time > status_time)
     detail = ""
-    if lock:
+    if live_lock:
         state = "running"
-        detail = f"lock held by {lock.get('host', '?')} pid {lock.get('pid', '?')}"
+        detail = (f"lock held by {lock.get('host', '?')} pid {lock.get('pid', '?')}"
+                  + ("" if holder == "alive" else f" ({holder})"))
+    elif diverged is not None:
+        state = "diverged"
+        detail = str(diverged.get("detail", ""))[:120]
     elif env is None and status is None and step is None:
         state = "new"
     elif segment_open:
