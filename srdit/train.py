@@ -381,6 +381,7 @@ class _Trainer:
                                     device=str(self.device), precision=self.precision,
                                     micro_batch=self.micro, accumulation=self.accum,
                                     zero_stage=t.zero_stage, start_step=self.step,
+                                    target_step=seg.target_step, max_steps=t.max_steps,
                                     resumed_from=str(resume_dir) if resume_dir else None)
             atomic_write_json(self.run_dir / "env.json", info)
             if resume_dir is not None:
