@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("srdit.launch", "submit a stage through submitit (Slurm or local)"),
     "status": ("srdit.status", "one table of every training run: step, speed, ETA, checkpoint, state, job"),
     "report": ("srdit.report", "ablation tables, FID-vs-step curves and sample grids"),
+    "plan": ("srdit.plan", "jobs, GPU-hours, wall time and disk of a target, before anything runs"),
+    "prune": ("srdit.retention", "delete a run's snapshots and training states that retention does not keep"),
 }
 
 

@@ -109,12 +109,19 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="train at most K steps in this job (overrides train.segment_steps)")
     parser.add_argument("--max-segment-minutes", type=float, default=None,
                         help="train at most M minutes in this job (overrides train.segment_minutes)")
+    parser.add_argument("--stage-dir", default="",
+                        help="copy the cache to this node-local folder first and train from the verified "
+                             "copy (environment variables expanded, e.g. '$TMPDIR'; srdit/staging.py)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     cfg = get_config(args.name, *args.registry, overrides=parse_overrides(args.set))
-    return train(cfg, args.run_dir, args.cache, until_step=args.until_step,
+    cache = args.cache
+    if args.stage_dir:
+        from srdit.staging import stage_cache
+        cache = stage_cache(cache, args.stage_dir)
+    return train(cfg, args.run_dir, cache, until_step=args.until_step,
                  segment_steps=args.max_segment_steps, segment_minutes=args.max_segment_minutes,
                  resources=args.resources, random_teacher=args.random_teacher)
 

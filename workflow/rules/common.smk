@@ -5,10 +5,11 @@
 # before anything is submitted, with srdit.config's message naming the key.
 #
 # Paths (design.md "Conventions"):
-#   results/cache/{dataset}/images{res}/shard{NNNNN}.h5, images.h5           prepared images
-#   results/cache/{dataset}/latents{res}-{cache}/shard{NNNNN}.h5, cache.h5   latents (+ teacher)
+# (<cache> = config cache_root, results = config results_root; both "results" by default)
+#   <cache>/cache/{dataset}/images{res}/shard{NNNNN}.h5, images.h5           prepared images
+#   <cache>/cache/{dataset}/latents{res}-{cache}/shard{NNNNN}.h5, cache.h5   latents (+ teacher)
 #   results/runs/{run}/snapshots/step{NNNNNNN}.safetensors                   one per training job
-#   results/samples/{ablation}/step{NNNNNNN}/{tag}/samples.npz, grid.png     tag spells the sampler
+#   <cache>/samples/{ablation}/step{NNNNNNN}/{tag}/samples.npz, grid.png     tag spells the sampler
 #   results/metrics/{ablation}/step{NNNNNNN}/{tag}/metrics.json
 #   results/report/                                                          tables, curves, grids
 #   results/logs/<rule>/..., results/benchmarks/<rule>/...
@@ -26,7 +27,10 @@ from srdit.config import inherited_meta
 from srdit.resources import RESOURCES
 from srdit.sample import sampler_tag
 
-RESULTS = "results"
+# Two roots (config results_root / cache_root): what must last (runs, metrics, report, logs)
+# and the bulky files that can be remade (image and latent caches, samples).
+RESULTS = config["results_root"].rstrip("/") or "."
+CACHE_ROOT = config["cache_root"].rstrip("/") or "."
 RESOURCES_DIR = config["resources_dir"]
 DATASET = config["data"]["name"]
 RANDOM = bool(config["random_weights"])
@@ -163,7 +167,7 @@ RESOLUTIONS = sorted({cfg.data.resolution for cfg in CONFIGS.values()})
 
 
 def images_cache(res):
-    return f"{RESULTS}/cache/{DATASET}/images{res}/images.h5"
+    return f"{CACHE_ROOT}/cache/{DATASET}/images{res}/images.h5"
 
 
 def latents_cache(name):
@@ -179,7 +183,7 @@ def reference_batch(name):
     """The reference batch entry `name` is evaluated against: fetched, or built (demo)."""
     ref = CONFIGS[name].eval.reference
     if ref in config["data"]["build_references"]:
-        return f"{RESULTS}/reference/{DATASET}/images{CONFIGS[name].data.resolution}/{ref}"
+        return f"{CACHE_ROOT}/reference/{DATASET}/images{CONFIGS[name].data.resolution}/{ref}"
     for key, res in RESOURCES.items():
         if res.filename == ref:
             return resource_file(key)
@@ -206,7 +210,7 @@ def tag_of(name):
 
 
 def sample_dir(name, step):
-    return f"{RESULTS}/samples/{name}/step{int(step):07d}/{tag_of(name)}"
+    return f"{CACHE_ROOT}/samples/{name}/step{int(step):07d}/{tag_of(name)}"
 
 
 def metrics_file(name, step):
@@ -266,19 +270,19 @@ def output_folder(wildcards, output):
 def image_source():
     """The image tree prepare reads: the bundled demo tree, or the configured folder."""
     if config["data"]["source"] == "demo":
-        return f"{RESULTS}/demo_images"
+        return f"{CACHE_ROOT}/demo_images"
     # ancient(): the ImageNet folder's mtime must never trigger a re-preparation.
     return ancient(config["data"]["source"])
 
 
 def image_shards(wildcards):
     n = config["data"]["prepare_shards"]
-    return [f"{RESULTS}/cache/{wildcards.dataset}/images{wildcards.res}/shard{i:05d}.h5" for i in range(n)]
+    return [f"{CACHE_ROOT}/cache/{wildcards.dataset}/images{wildcards.res}/shard{i:05d}.h5" for i in range(n)]
 
 
 def latent_shards(wildcards):
     n = config["data"]["encode_shards"]
-    return [f"{RESULTS}/cache/{wildcards.dataset}/latents{wildcards.res}-{wildcards.cache}/shard{i:05d}.h5"
+    return [f"{CACHE_ROOT}/cache/{wildcards.dataset}/latents{wildcards.res}-{wildcards.cache}/shard{i:05d}.h5"
             for i in range(n)]
 
 
@@ -345,6 +349,27 @@ def until_step(wildcards):
     return int(wildcards.step)
 
 
+def stage_flags(wildcards):
+    """`--stage-dir`: config stage_dir, single-quoted so that "$TMPDIR" is expanded on the node."""
+    stage = config["stage_dir"]
+    return "--stage-dir '" + stage.replace("'", "'\\''") + "'" if stage else ""
+
+
+def kept_steps(run):
+    """Steps of `run` whose snapshots retention keeps: every step any registry entry samples."""
+    return sorted({step for name in REGISTRY if train_run(name) == run for step in eval_steps(name)})
+
+
+def prune_command(wildcards):
+    """After a successful segment, with retention.snapshots "evaluated": `srdit prune` deletes the
+    run's snapshots no entry evaluates (never the newest) and all training states but the newest."""
+    if config["retention"]["snapshots"] != "evaluated":
+        return ""
+    keep = ",".join(str(step) for step in kept_steps(wildcards.run))
+    return (f"; {PYTHON} -m srdit prune --run-dir {RESULTS}/runs/{wildcards.run} --keep-steps {keep}"
+            f" >> {RESULTS}/logs/train/{wildcards.run}/step{wildcards.step}.log 2>&1")
+
+
 # ------------------------------------------------------------------------------ sampling (sample.smk)
 
 
@@ -367,7 +392,7 @@ def sample_flags(wildcards):
 
 def sample_shards(wildcards):
     n = config["sample"]["shards"]
-    base = f"{RESULTS}/samples/{wildcards.ablation}/step{wildcards.step}/{wildcards.tag}"
+    base = f"{CACHE_ROOT}/samples/{wildcards.ablation}/step{wildcards.step}/{wildcards.tag}"
     return [f"{base}/shards/shard{i:05d}.{ext}" for i in range(n) for ext in ("npz", "json")]
 
 
@@ -377,7 +402,7 @@ def sample_shards(wildcards):
 def evaluate_inputs(wildcards):
     name = wildcards.ablation
     inputs = {
-        "samples": f"{RESULTS}/samples/{name}/step{wildcards.step}/{wildcards.tag}/samples.npz",
+        "samples": f"{CACHE_ROOT}/samples/{name}/step{wildcards.step}/{wildcards.tag}/samples.npz",
         "reference": reference_batch(name),
     }
     if not RANDOM:

@@ -8,7 +8,7 @@
 rule demo_images:
     localrule: True
     output:
-        directory(f"{RESULTS}/demo_images"),
+        directory(f"{CACHE_ROOT}/demo_images"),
     log:
         f"{RESULTS}/logs/demo_images.log",
     benchmark:
@@ -25,7 +25,7 @@ rule prepare_images:
     input:
         src=image_source(),
     output:
-        f"{RESULTS}/cache/{{dataset}}/images{{res}}/shard{{shard}}.h5",
+        f"{CACHE_ROOT}/cache/{{dataset}}/images{{res}}/shard{{shard}}.h5",
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}/images{{res}}/shard{{shard}}.log",
     benchmark:
@@ -45,7 +45,7 @@ rule join_images:
     input:
         image_shards,
     output:
-        f"{RESULTS}/cache/{{dataset}}/images{{res}}/images.h5",
+        f"{CACHE_ROOT}/cache/{{dataset}}/images{{res}}/images.h5",
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}/images{{res}}/join.log",
     benchmark:
@@ -58,10 +58,10 @@ rule join_images:
 
 rule encode_latents:
     input:
-        images=f"{RESULTS}/cache/{{dataset}}/images{{res}}/images.h5",
+        images=f"{CACHE_ROOT}/cache/{{dataset}}/images{{res}}/images.h5",
         weights=encode_weights,
     output:
-        f"{RESULTS}/cache/{{dataset}}/latents{{res}}-{{cache}}/shard{{shard}}.h5",
+        f"{CACHE_ROOT}/cache/{{dataset}}/latents{{res}}-{{cache}}/shard{{shard}}.h5",
     log:
         f"{RESULTS}/logs/encode/{{dataset}}/latents{{res}}-{{cache}}/shard{{shard}}.log",
     benchmark:
@@ -84,7 +84,7 @@ rule join_latents:
     input:
         latent_shards,
     output:
-        f"{RESULTS}/cache/{{dataset}}/latents{{res}}-{{cache}}/cache.h5",
+        f"{CACHE_ROOT}/cache/{{dataset}}/latents{{res}}-{{cache}}/cache.h5",
     log:
         f"{RESULTS}/logs/encode/{{dataset}}/latents{{res}}-{{cache}}/join.log",
     benchmark:
@@ -99,9 +99,9 @@ rule reference_batch:
     # Only for reference batches listed in config data.build_references (the demo); the paper's
     # are ADM's files, fetched by the weights rules.
     input:
-        images=f"{RESULTS}/cache/{{dataset}}/images{{res}}/images.h5",
+        images=f"{CACHE_ROOT}/cache/{{dataset}}/images{{res}}/images.h5",
     output:
-        f"{RESULTS}/reference/{{dataset}}/images{{res}}/{{refname}}",
+        f"{CACHE_ROOT}/reference/{{dataset}}/images{{res}}/{{refname}}",
     log:
         f"{RESULTS}/logs/reference/{{dataset}}/images{{res}}/{{refname}}.log",
     benchmark:

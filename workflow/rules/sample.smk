@@ -8,14 +8,14 @@ rule sample_shard:
         unpack(sample_inputs),
     output:
         # the JSON sidecar is written last and marks the shard complete
-        images=temp(f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.npz"),
-        sidecar=temp(f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.json"),
+        images=temp(f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.npz"),
+        sidecar=temp(f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}/shards/shard{{shard}}.json"),
     log:
         f"{RESULTS}/logs/sample/{{ablation}}/step{{step}}/{{tag}}/shard{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/sample/{{ablation}}/step{{step}}/{{tag}}/shard{{shard}}.tsv"
     params:
-        out=f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}",
+        out=f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}",
         shards=config["sample"]["shards"],
         flags=sample_flags,
     threads: 2
@@ -30,21 +30,23 @@ rule merge_samples:
     input:
         sample_shards,
     output:
-        samples=f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/samples.npz",
+        # retention.samples "remove": temp(), deleted once evaluated (the grid and metrics stay)
+        samples=(temp if config["retention"]["samples"] == "remove" else str)(
+            f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}/samples.npz"),
         grid=report(
-            f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/grid.png",
+            f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}/grid.png",
             caption="../report/grid.rst",
             category="Sample grids",
             subcategory="{ablation}",
             labels={"ablation": "{ablation}", "step": "{step}"},
         ),
-        sidecar=f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}/sampler.json",
+        sidecar=f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}/sampler.json",
     log:
         f"{RESULTS}/logs/merge/{{ablation}}/step{{step}}/{{tag}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/merge/{{ablation}}/step{{step}}/{{tag}}.tsv"
     params:
-        out=f"{RESULTS}/samples/{{ablation}}/step{{step}}/{{tag}}",
+        out=f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}",
     conda:
         "../../envs/srdit.yaml"
     shell:

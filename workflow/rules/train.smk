@@ -23,6 +23,8 @@ rule train_segment:
         flags=train_flags,
         budget=train_time_budget,
         step=until_step,
+        stage=stage_flags,
+        prune=prune_command,
     threads: 2
     conda:
         "../../envs/srdit.yaml"
@@ -31,6 +33,6 @@ rule train_segment:
         # resubmitted job (profile `retries`) resumes from the checkpoint it wrote. Snakemake
         # clears the log of an attempt that is retried; the run's metrics.jsonl keeps every one.
         "{params.launcher} -m srdit train {wildcards.run} --run-dir {params.run_dir}"
-        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} > {log} 2>&1;"
+        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} {params.stage} > {log} 2>&1;"
         " test -e {output} || {{ echo 'srdit: segment stopped before step {params.step};"
-        " rerun to resume from its checkpoint' >> {log}; exit 75; }}"
+        " rerun to resume from its checkpoint' >> {log}; exit 75; }}{params.prune}"
