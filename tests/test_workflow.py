@@ -99,7 +99,10 @@ def test_paper_dry_run_trains_each_run_in_segments_with_a_whole_node(paper_dry_r
         assert res["gpu"] == "8" and res["slurm_partition"] == "gpu", res
         assert int(res["cpus_per_task"]) >= 8 and int(res["runtime"]) > 0 and int(res["mem_mb"]) > 0
         assert "tasks" not in res                  # one task: torchrun owns the node's GPUs
-        assert job["shell"].startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8 -m srdit train")
+        # torchrun of snakemake's own interpreter (by its path), never a bare `torchrun`/`python`
+        assert re.search(r"(^|\s)/\S*python[\d.]* -m torch\.distributed\.run --standalone --nnodes 1 "
+                         r"--nproc-per-node 8 -m srdit train ", job["shell"]), job["shell"]
+        assert not re.search(r"(^|[\s;])(torchrun|python) ", job["shell"]), job["shell"]
         assert f"--until-step {int(job['wildcards']['step'])} " in job["shell"]
         assert "--max-segment-minutes" in job["shell"]
 

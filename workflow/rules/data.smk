@@ -16,9 +16,10 @@ rule demo_images:
     conda:
         "../../envs/srdit.yaml"
     params:
+        python=PYTHON,
         per_class=config["data"]["demo_per_class"],
     shell:
-        "{PYTHON} -m srdit demo-data --out {output} --per-class {params.per_class} > {log} 2>&1"
+        "{params.python} -m srdit demo-data --out {output} --per-class {params.per_class} > {log} 2>&1"
 
 
 rule prepare_images:
@@ -31,12 +32,13 @@ rule prepare_images:
     benchmark:
         f"{RESULTS}/benchmarks/prepare/{{dataset}}/images{{res}}/shard{{shard}}.tsv"
     params:
+        python=PYTHON,
         shards=config["data"]["prepare_shards"],
     threads: 4
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit prepare --src {input.src} --out {output} --resolution {wildcards.res}"
+        "{params.python} -m srdit prepare --src {input.src} --out {output} --resolution {wildcards.res}"
         " --shard {wildcards.shard} --num-shards {params.shards} --workers {threads} > {log} 2>&1"
 
 
@@ -52,8 +54,10 @@ rule join_images:
         f"{RESULTS}/benchmarks/prepare/{{dataset}}/images{{res}}/join.tsv"
     conda:
         "../../envs/srdit.yaml"
+    params:
+        python=PYTHON,
     shell:
-        "{PYTHON} -m srdit prepare --join {input} --out {output} > {log} 2>&1"
+        "{params.python} -m srdit prepare --join {input} --out {output} > {log} 2>&1"
 
 
 rule encode_latents:
@@ -67,6 +71,7 @@ rule encode_latents:
     benchmark:
         f"{RESULTS}/benchmarks/encode/{{dataset}}/latents{{res}}-{{cache}}/shard{{shard}}.tsv"
     params:
+        python=PYTHON,
         shards=config["data"]["encode_shards"],
         flags=encode_flags,
         resources_dir=RESOURCES_DIR,
@@ -74,7 +79,7 @@ rule encode_latents:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit encode --images {input.images} --out {output} {params.flags}"
+        "{params.python} -m srdit encode --images {input.images} --out {output} {params.flags}"
         " --resources {params.resources_dir} --shard {wildcards.shard} --num-shards {params.shards}"
         " > {log} 2>&1"
 
@@ -91,8 +96,10 @@ rule join_latents:
         f"{RESULTS}/benchmarks/encode/{{dataset}}/latents{{res}}-{{cache}}/join.tsv"
     conda:
         "../../envs/srdit.yaml"
+    params:
+        python=PYTHON,
     shell:
-        "{PYTHON} -m srdit encode --join {input} --out {output} > {log} 2>&1"
+        "{params.python} -m srdit encode --join {input} --out {output} > {log} 2>&1"
 
 
 rule reference_batch:
@@ -107,10 +114,11 @@ rule reference_batch:
     benchmark:
         f"{RESULTS}/benchmarks/reference/{{dataset}}/images{{res}}/{{refname}}.tsv"
     params:
+        python=PYTHON,
         flags=reference_flags,
     wildcard_constraints:
         refname="|".join(re.escape(r) for r in config["data"]["build_references"]) or "(?!)",
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit reference-batch --source {input.images} --out {output} {params.flags} > {log} 2>&1"
+        "{params.python} -m srdit reference-batch --source {input.images} --out {output} {params.flags} > {log} 2>&1"

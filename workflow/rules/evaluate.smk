@@ -13,10 +13,11 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{ablation}}/step{{step}}/{{tag}}.tsv"
     params:
+        python=PYTHON,
         flags=evaluate_flags,
     threads: 2
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit evaluate --samples {input.samples} --reference {input.reference}"
+        "{params.python} -m srdit evaluate --samples {input.samples} --reference {input.reference}"
         " --out {output} {params.flags} > {log} 2>&1"

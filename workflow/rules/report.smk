@@ -20,10 +20,11 @@ rule report:
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     params:
+        python=PYTHON,
         args=report_args,
         title=config["report"]["title"],
         out=report_folder,
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit report --out {params.out} --title {params.title:q} {params.args} > {log} 2>&1"
+        "{params.python} -m srdit report --out {params.out} --title {params.title:q} {params.args} > {log} 2>&1"

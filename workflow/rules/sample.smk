@@ -15,6 +15,7 @@ rule sample_shard:
     benchmark:
         f"{RESULTS}/benchmarks/sample/{{ablation}}/step{{step}}/{{tag}}/shard{{shard}}.tsv"
     params:
+        python=PYTHON,
         out=f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}",
         shards=config["sample"]["shards"],
         flags=sample_flags,
@@ -22,7 +23,7 @@ rule sample_shard:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit sample --snapshot {input.snapshot} --out {params.out}"
+        "{params.python} -m srdit sample --snapshot {input.snapshot} --out {params.out}"
         " --shard {wildcards.shard} --num-shards {params.shards} {params.flags} > {log} 2>&1"
 
 
@@ -46,8 +47,9 @@ rule merge_samples:
     benchmark:
         f"{RESULTS}/benchmarks/merge/{{ablation}}/step{{step}}/{{tag}}.tsv"
     params:
+        python=PYTHON,
         out=f"{CACHE_ROOT}/samples/{{ablation}}/step{{step}}/{{tag}}",
     conda:
         "../../envs/srdit.yaml"
     shell:
-        "{PYTHON} -m srdit merge {params.out} > {log} 2>&1"
+        "{params.python} -m srdit merge {params.out} > {log} 2>&1"

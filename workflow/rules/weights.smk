@@ -18,12 +18,13 @@ for _key, _res in RESOURCES.items():
         benchmark:
             f"{RESULTS}/benchmarks/fetch/{_key}.tsv"
         params:
+            python=PYTHON,
             key=_key,
             root=output_folder,
         conda:
             "../../envs/srdit.yaml"
         shell:
-            "{PYTHON} -m srdit fetch {params.key} --root {params.root} > {log} 2>&1"
+            "{params.python} -m srdit fetch {params.key} --root {params.root} > {log} 2>&1"
 
 
 rule weights:
