@@ -34,11 +34,11 @@ CACHE_ROOT = config["cache_root"].rstrip("/") or "."
 RESOURCES_DIR = config["resources_dir"]
 DATASET = config["data"]["name"]
 RANDOM = bool(config["random_weights"])
-# The interpreter of every rule (`{PYTHON} -m srdit ...`, `{PYTHON} -m torch.distributed.run`): the
-# one running snakemake, so that the venv's python runs the jobs however snakemake was started
-# (.venv/bin/snakemake without activating the venv included; Slurm jobs inherit it through the
-# plugin, which starts each job's snakemake with the same interpreter). Under --sdm conda, the
-# environment's own `python`.
+# The interpreter of every rule (`params: python=PYTHON`, then `{params.python} -m srdit ...`; the
+# training launcher's `PYTHON -m torch.distributed.run`): the one running snakemake, so that the
+# venv's python runs the jobs however snakemake was started (.venv/bin/snakemake without
+# activating the venv included; Slurm jobs inherit it through the plugin, which starts each job's
+# snakemake with the same interpreter). Under --sdm conda, the environment's own `python`.
 PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else layout.python_command()
 # Names that cannot also be ablation or group names, because they are rules of their own.
 RESERVED_TARGETS = {"all", "weights", "report", "demo_images", "prepare_images", "join_images", "encode_latents",
