@@ -228,7 +228,9 @@ class Coster:
         joined = Path(self.cache_fs) / "cache" / data["name"] / f"images{res}" / "images.h5"
         if joined.exists():
             import h5py
-            with h5py.File(joined, "r", locking=False) as f:
+
+            import srdit.data.cache  # noqa: F401  (its HDF5 file-locking default comes first)
+            with h5py.File(joined, "r") as f:
                 found = (int(f.attrs["rows"]), "the image cache")
         elif data["source"] == "demo":
             found = (4 * int(data["demo_per_class"]), "the demo tree (4 classes)")
@@ -385,7 +387,9 @@ def build_plan(configfiles: list[str], targets: list[str], profile: str | None =
             images = max(0, step - start) * cfg.train.global_batch
             online = not cfg.data.cache_teacher
             rate = c.train_rate(cfg, online)
-            gpus = int(job.resources.get("gpu", node_gpus) or node_gpus)
+            from srdit.distributed import requested_shape       # gpu, gres or --gpus-per-node; x nodes
+            job_nodes, per_node, _ = requested_shape(job.resources)
+            gpus = job_nodes * (per_node or node_gpus)
             hours = images / rate.value / 3600
             r.gpu_hours["training"] += hours
             chains[run] += hours / gpus

@@ -69,3 +69,34 @@ def test_stage_dir_variables_and_space(tmp_path, monkeypatch):
     with pytest.raises(StagingError, match="GB free"):
         stage_cache(cache, tmp_path / "node")
     open_cache(cache, LATENTS, verify=True)          # the source is untouched
+
+
+def test_caches_are_read_without_hdf5_file_locks(tmp_path):
+    """srdit reads caches without HDF5 file locks (HDF5_USE_FILE_LOCKING=FALSE unless set, from
+    srdit.data.cache): it opens a cache even while another process holds a shard open for
+    writing, which with locks fails at once, as locking does on network file systems without
+    lock support."""
+    import os
+    import subprocess
+    import sys
+
+    cache = write_caches(tmp_path / "shared", teacher_features=True)
+    shard = next(tmp_path.glob("shared/latents-*.h5"))
+    locking = dict(os.environ, HDF5_USE_FILE_LOCKING="TRUE")
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys\n"
+                               f"f = h5py.File({str(shard)!r}, 'a')\nprint('open', flush=True)\nsys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=locking)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with_locks = subprocess.run([sys.executable, "-c", f"import h5py; h5py.File({str(shard)!r}, 'r')"],
+                                    capture_output=True, text=True, env=locking)
+        assert with_locks.returncode != 0 and "lock" in with_locks.stderr
+        without = subprocess.run([sys.executable, "-c", "from srdit.data.dataset import TrainDataset; import numpy;"
+                                  f"print(TrainDataset({str(cache)!r})[numpy.arange(4)]['latent'].shape)"],
+                                 capture_output=True, text=True,
+                                 env={k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"})
+        assert without.returncode == 0, without.stderr[-2000:]
+        assert "torch.Size([4, 32, 4, 4])" in without.stdout
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import h5py
+# Finished caches are only ever read (every file is written once, under a temporary name, by one
+# job, then renamed), so srdit takes no HDF5 file locks: locks are what fails on NFS/Lustre/GPFS
+# mounts without lock support ("unable to lock file"), and what blocks readers while a file is
+# open for writing elsewhere. Set process-wide, before any file is opened, because HDF5 refuses
+# to mix locking and non-locking handles on one file in a process (a virtual dataset opens its
+# shards itself). An HDF5_USE_FILE_LOCKING already set (TRUE, FALSE, BEST_EFFORT) is kept.
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+import h5py  # noqa: E402  (after the locking default)
 import numpy as np
 
 FORMAT_VERSION = 1
