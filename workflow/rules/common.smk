@@ -361,33 +361,13 @@ def kept_steps(run):
 
 
 def prune_command(wildcards):
-    """After a successful segment, with retention.snapshots "evaluated": `srdit prune` deletes the
-    run's snapshots no entry evaluates (never the newest) and all training states but the newest."""
+    """Only after a successful segment (`&&`), with retention.snapshots "evaluated": `srdit prune`
+    deletes the run's snapshots no entry evaluates (never the newest) and all training states but
+    the newest."""
     if config["retention"]["snapshots"] != "evaluated":
         return ""
     keep = ",".join(str(step) for step in kept_steps(wildcards.run))
     return (f" && {PYTHON} -m srdit prune --run-dir {RESULTS}/runs/{wildcards.run} --keep-steps {keep}"
-            f" >> {RESULTS}/logs/train/{wildcards.run}/step{wildcards.step}.log 2>&1")
-
-
-def stage_flags(wildcards):
-    """`--stage-dir`: config stage_dir, single-quoted so that "$TMPDIR" is expanded on the node."""
-    stage = config["stage_dir"]
-    return "--stage-dir '" + stage.replace("'", "'\\''") + "'" if stage else ""
-
-
-def kept_steps(run):
-    """Steps of `run` whose snapshots retention keeps: every step any registry entry samples."""
-    return sorted({step for name in REGISTRY if train_run(name) == run for step in eval_steps(name)})
-
-
-def prune_command(wildcards):
-    """After a successful segment, with retention.snapshots "evaluated": `srdit prune` deletes the
-    run's snapshots no entry evaluates (never the newest) and all training states but the newest."""
-    if config["retention"]["snapshots"] != "evaluated":
-        return ""
-    keep = ",".join(str(step) for step in kept_steps(wildcards.run))
-    return (f"; {PYTHON} -m srdit prune --run-dir {RESULTS}/runs/{wildcards.run} --keep-steps {keep}"
             f" >> {RESULTS}/logs/train/{wildcards.run}/step{wildcards.step}.log 2>&1")
 
 
