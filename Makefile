@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CORES  ?= all
-# The rules call `python -m srdit` and `torchrun`: the venv's, also inside Slurm jobs (--export=ALL).
+# The rules run the interpreter snakemake runs on (.venv/bin/python), also inside Slurm jobs; the
+# venv on PATH is for the commands typed here.
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test lint dryrun venv clean-demo
