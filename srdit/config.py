@@ -140,9 +140,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    zero_stage: Literal[0, 1, 2] = 1
+    # auto: 0 (plain data parallel) on one process or for models whose AdamW state is small
+    # (< 4 GB: B/1, L/1), else 1 (XL/1); see srdit.train.resolve_zero_stage
+    zero_stage: typing.Union[Literal[0, 1, 2], Literal["auto"]] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
-    compile: bool = False
+    compile: typing.Union[bool, Literal["auto"]] = "auto"  # torch.compile the step; auto: on CUDA only
     seed: int = 0
     num_workers: int = 4
     ckpt_every: int = 10_000                    # full training state + consolidated snapshot
@@ -166,7 +168,7 @@ class SampleConfig:
     balanced: bool = True                       # sample i has class i mod K
     seed: int = 0
     num_samples: int = 50_000
-    batch_size: int = 64
+    batch_size: int = 256                       # samples per batch (they do not depend on it)
     use_ema: bool = True
 
 

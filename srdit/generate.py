@@ -50,6 +50,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer constructor overrides, e.g. ch=32 (random weights only)")
     parser.add_argument("--resources", default=None, help="resources folder (tokenizer weights)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (faster on a GPU; samples then differ from eager ones at "
+                             "rounding level, so use it for all shards of a directory or none)")
     parser.set_defaults(func=run)
 
 
@@ -102,9 +105,9 @@ def shard_paths(out: str | Path, shard: int) -> tuple[Path, Path]:
 def sampler_settings(cfg: ExperimentConfig, snapshot: Path, step: int, num_shards: int, random_weights: bool,
                      tokenizer_overrides: dict, snapshot_sha256: str) -> dict:
     """Everything that decides the samples (and so must agree between the shards of one DIR)."""
-    from srdit.sample import sampler_tag
+    from srdit.sample import NOISE_SCHEME, sampler_tag
 
-    return {"tag": sampler_tag(cfg.sample), **asdict(cfg.sample), "num_shards": num_shards,
+    return {"tag": sampler_tag(cfg.sample), **asdict(cfg.sample), "noise": NOISE_SCHEME, "num_shards": num_shards,
             "experiment": cfg.name, "snapshot": str(snapshot.resolve()), "snapshot_sha256": snapshot_sha256,
             "step": step, "tokenizer": cfg.data.tokenizer, "tokenizer_random_weights": random_weights,
             "tokenizer_overrides": tokenizer_overrides, "latent_scale": cfg.data.latent_scale,
@@ -159,8 +162,12 @@ def load_tokenizer_for(cfg: ExperimentConfig, resources, random_weights: bool, o
     return tokenizer
 
 
+DECODE_BATCH = 64          # latents decoded at a time (tokenizer decoders are memory-hungry)
+
+
 def generate_images(model, tokenizer, cfg: ExperimentConfig, indices: np.ndarray, device, progress: bool = True):
-    """(uint8 images (n, H, W, 3), labels (n,)) for global sample `indices`, batch by batch."""
+    """(uint8 images (n, H, W, 3), labels (n,)) for global sample `indices`, batch by batch. The
+    latents stay on the sampling device for the decoder; only uint8 images come back."""
     import torch
     from tqdm import tqdm
 
@@ -175,8 +182,9 @@ def generate_images(model, tokenizer, cfg: ExperimentConfig, indices: np.ndarray
         for start in range(0, len(indices), s.batch_size):
             idx, lab = indices[start:start + s.batch_size], labels[start:start + s.batch_size]
             latents = generate_latents(model, torch.from_numpy(idx), torch.from_numpy(lab), s, latent_shape, cls_dim,
-                                       device, shift_base=cfg.objective.shift_base)
-            images.append(tokenizer.decode_to_uint8(latents.to(device)).cpu().numpy())
+                                       device, shift_base=cfg.objective.shift_base, out_device=device)
+            for k in range(0, len(latents), DECODE_BATCH):
+                images.append(tokenizer.decode_to_uint8(latents[k:k + DECODE_BATCH]).cpu().numpy())
             bar.update(len(idx))
     if not images:
         return np.zeros((0, cfg.data.resolution, cfg.data.resolution, 3), np.uint8), labels
@@ -191,7 +199,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def sample_shard(snapshot: str | Path, out: str | Path, shard: int, num_shards: int, *, overrides: list[str] = (),
                  random_weights: bool = False, tokenizer_overrides: dict | None = None, resources=None,
-                 device: str | None = None, progress: bool = True) -> dict:
+                 device: str | None = None, progress: bool = True, compile: bool = False) -> dict:
     """Make shard `shard` of `num_shards` in `out` (or find it done). Returns its record."""
     import torch
 
@@ -219,6 +227,8 @@ def sample_shard(snapshot: str | Path, out: str | Path, shard: int, num_shards: 
     deterministic_backends(device)
     t0 = time.time()
     _, model = load_snapshot(snapshot, use_ema=cfg.sample.use_ema, device=device)
+    if compile:
+        model.forward = torch.compile(model.forward)
     tokenizer = load_tokenizer_for(cfg, resources, random_weights, tokenizer_overrides).to(device)
     indices = np.arange(start, stop, dtype=np.int64)
     images, labels = generate_images(model, tokenizer, cfg, indices, device, progress)
@@ -230,7 +240,7 @@ def sample_shard(snapshot: str | Path, out: str | Path, shard: int, num_shards: 
         writer.add("labels", labels.astype(np.int64))
     record = {"format": SHARD_FORMAT, "complete": True, "shard": shard, "start": start, "stop": stop,
               "rows": int(len(images)), "image_shape": list(images.shape[1:]), "sha256": sha256_file(npz_path),
-              "settings": settings, "device": str(device), "seconds": round(time.time() - t0, 1),
+              "settings": settings, "device": str(device), "seconds": round(time.time() - t0, 1), "compiled": compile,
               "backend": {"torch": torch.__version__, "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
                           "cudnn_deterministic": bool(torch.backends.cudnn.deterministic)},
               "tokenizer_weights": "RANDOM INIT" if random_weights else cfg.data.tokenizer}
@@ -243,7 +253,7 @@ def run(args) -> int:
     try:
         sample_shard(args.snapshot, args.out, args.shard, args.num_shards, overrides=args.set,
                      random_weights=args.random_weights, tokenizer_overrides=parse_overrides(args.tokenizer_set),
-                     resources=args.resources, device=args.device)
+                     resources=args.resources, device=args.device, compile=args.compile)
     except (FileNotFoundError, MissingResourceError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise

@@ -21,9 +21,12 @@ coefficients for both branches, so guiding the velocities equals guiding the dri
 The reference sampler skips guidance for any cfg_scale <= 1; here a scale below 1 is honoured
 (0 = unconditional), which the paper never uses.
 
-Reproducibility: sample i's initial noise and every step's noise come from its own generator,
-seeded by `sample_seed(seed, i)`, so a sample is the same whatever batch or shard it falls in.
-The generators live on the sampling device: CPU and CUDA give different (equally valid) draws.
+Reproducibility: every random number of sample i is a function of (seed, i, draw k, element)
+only (`CounterNoise`: a counter-based hash, computed for the whole batch in a few elementwise
+kernels on the sampling device; draw k is the initial latent, the initial class token, then
+step by step the latent and class-token noise), so a sample is the same whatever batch or shard
+it falls in. With guidance, the conditional and unconditional branches run as one batch of 2B
+rows when the model supports it (`uncond_rows`), each row as it would alone.
 """
 from __future__ import annotations
 
@@ -100,6 +103,52 @@ def sampler_tag(sample_cfg: SampleConfig) -> str:
     if bad:
         raise ValueError(f"sampler_tag: {tag!r} has characters {bad} that are unsafe in a path")
     return tag
+
+
+NOISE_SCHEME = "counter-hash-v1"   # recorded with every shard: samples depend on it
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (bijective on [0, 2**32)), in int64 arithmetic that never overflows
+    (multipliers < 2**31), so that every device computes the same bits."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+class CounterNoise:
+    """Standard normal draws that are a pure function of (seed, sample index, draw number,
+    element): `normal(shape)` returns (B, *shape), row b for sample `indices[b]`, and advances
+    the draw number. Element e of draw k of sample i: two 32-bit uniforms from a hash of the
+    counter (seed, i, k, e), then Box-Muller in float64. One batch's noise is a handful of
+    elementwise kernels, whatever the batch size (a generator per sample costs a kernel per
+    sample and draw)."""
+
+    def __init__(self, indices: Sequence[int], seed: int, device):
+        self.device = torch.device(device)
+        idx = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices, dtype=torch.int64)
+        if (idx < 0).any() or seed < 0:
+            raise ValueError("CounterNoise: seed and indices must be >= 0")
+        seed_key = _mix32(torch.tensor([int(seed) & 0xFFFFFFFF], dtype=torch.int64) ^ 0x9E3779B9)
+        seed_key = _mix32(seed_key ^ ((int(seed) >> 32) & 0xFFFFFFFF))
+        key = _mix32(seed_key ^ (idx & 0xFFFFFFFF))
+        self.keys = _mix32(key ^ ((idx >> 32) & 0xFFFFFFFF)).to(self.device)      # (B,)
+        self.draws = 0
+
+    def normal(self, shape: Sequence[int], dtype=torch.float64) -> Tensor:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        key = _mix32(self.keys ^ self.draws)[:, None]                              # (B, 1)
+        self.draws += 1
+        counter = torch.arange(2 * n, dtype=torch.int64, device=self.device)[None]   # (1, 2n)
+        bits = _mix32(_mix32(key ^ counter) + 0x6A09E667)                          # (B, 2n)
+        u = (bits.double() + 0.5) * (1.0 / 2**32)                                  # (0, 1)
+        u1, u2 = u[:, :n], u[:, n:]
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * torch.pi) * u2)
+        return z.reshape(len(self.keys), *[int(d) for d in shape]).to(dtype)
 
 
 class PerSampleNoise:
@@ -201,17 +250,28 @@ def guided_velocity_fn(model, y: Tensor, sample_cfg: SampleConfig, null_label: i
         raise ValueError("guided_velocity_fn: null-label guidance needs null_label (the model's num_classes)")
     y_uncond = torch.full_like(y, null_label) if guided and s.null_label_guidance else y
 
-    def run(x: Tensor, cls: Tensor | None, t: float, labels: Tensor, uncond: bool):
+    # one forward for both branches when the model can run unconditional rows in a batch
+    batched = bool(getattr(_unwrap(model), "supports_uncond_rows", False))
+    y_both = torch.cat([y, y_uncond]) if guided and batched else None
+
+    def run(x: Tensor, cls: Tensor | None, t: float, labels: Tensor, uncond: bool, **kwargs):
         t_in = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device).float()
         v, v_cls = model.forward_velocity(x.float(), t_in, labels,
-                                          cls.float() if cls is not None else None, uncond=uncond)
+                                          cls.float() if cls is not None else None, uncond=uncond, **kwargs)
         return v.double(), (v_cls.double() if v_cls is not None and cls is not None else None)
 
     def velocity(x: Tensor, cls: Tensor | None, t: float):
-        v_c, v_cls_c = run(x, cls, t, y, False)
         if not guidance_active(s, t):
-            return v_c, v_cls_c
-        v_u, v_cls_u = run(x, cls, t, y_uncond, s.path_drop_guidance)
+            return run(x, cls, t, y, False)
+        if batched:
+            extra = {"uncond_rows": x.shape[0]} if s.path_drop_guidance else {}
+            v, v_cls = run(torch.cat([x, x]), torch.cat([cls, cls]) if cls is not None else None, t, y_both,
+                           False, **extra)
+            v_c, v_u = v.chunk(2)
+            v_cls_c, v_cls_u = v_cls.chunk(2) if v_cls is not None else (None, None)
+        else:
+            v_c, v_cls_c = run(x, cls, t, y, False)
+            v_u, v_cls_u = run(x, cls, t, y_uncond, s.path_drop_guidance)
         v = v_u + s.cfg_scale * (v_c - v_u)
         if v_cls_c is not None and s.cls_cfg_scale > 0:
             v_cls_c = v_cls_u + s.cls_cfg_scale * (v_cls_c - v_cls_u)
@@ -222,10 +282,11 @@ def guided_velocity_fn(model, y: Tensor, sample_cfg: SampleConfig, null_label: i
 
 def generate_latents(model, indices, labels, sample_cfg: SampleConfig, latent_shape: Sequence[int],
                      cls_dim: int | None, device, progress: bool = False, *,
-                     shift_base: float = 4096) -> Tensor:
-    """Sample latents (N, C, H, W) float32 on the CPU (in the scaled latent space the model was
-    trained on) for global sample `indices` with `labels`. `cls_dim`: width of the REG class
-    token (None or 0: the model has none). The model must be in eval mode. The time shift uses
+                     shift_base: float = 4096, out_device="cpu") -> Tensor:
+    """Sample latents (N, C, H, W) float32 on `out_device` (the CPU by default; the sampling
+    device keeps them there for the decoder) in the scaled latent space the model was trained
+    on, for global sample `indices` with `labels`. `cls_dim`: width of the REG class token (None
+    or 0: the model has none). The model must be in eval mode. The time shift uses
     s = sqrt(C*H*W / shift_base) (pass objective.shift_base)."""
     s = sample_cfg
     idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
@@ -251,7 +312,7 @@ def generate_latents(model, indices, labels, sample_cfg: SampleConfig, latent_sh
     with torch.no_grad(), tqdm(total=len(idx), desc="sampling", unit="img", disable=not progress) as bar:
         for start in range(0, len(idx), s.batch_size):
             chunk = idx[start:start + s.batch_size]
-            noise = PerSampleNoise(chunk.tolist(), s.seed, device)
+            noise = CounterNoise(chunk, s.seed, device)
             # initial states drawn in float32 (as the reference draws its latents), kept in float64
             x = noise.normal(latent_shape, torch.float32).double()
             cls = noise.normal((cls_dim,), torch.float32).double() if cls_dim else None
@@ -261,8 +322,8 @@ def generate_latents(model, indices, labels, sample_cfg: SampleConfig, latent_sh
                 x, _ = euler_maruyama(velocity, x, cls, grid, noise, progress=progress)
             else:
                 x, _ = heun_ode(velocity, x, cls, grid, progress=progress)
-            out.append(x.float().cpu())
+            out.append(x.float().to(out_device))
             bar.update(len(chunk))
     if not out:
-        return torch.empty((0, *latent_shape), dtype=torch.float32)
+        return torch.empty((0, *latent_shape), dtype=torch.float32, device=out_device)
     return torch.cat(out)

@@ -82,7 +82,7 @@ DEFAULT_LATENT_SCALE = {"e2e-invae": 0.3099, "sd-vae": 0.18215}
 # the run's config.json (a different lr or model in the same directory would be a silent mix).
 RESUMABLE_KEYS = ("name", "description", "train.max_steps", "train.segment_steps", "train.segment_minutes",
                   "train.num_workers", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
-                  "train.micro_batch", "train.compile", "sample", "eval")
+                  "train.micro_batch", "train.compile", "train.zero_stage", "sample", "eval")
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops and keeps its last good checkpoint."""
@@ -151,13 +151,102 @@ def _mix_seed(*values: int) -> int:
 
 
 def path_drop_coin(seed: int, step: int, micro: int, p: float) -> bool:
-    """SPRINT's whole-batch path-drop coin, identical on every rank without communication."""
-    g = torch.Generator().manual_seed(_mix_seed(seed, 0x5EED, step, micro))
-    return bool(torch.rand((), generator=g).item() < p)
+    """SPRINT's whole-batch path-drop coin, identical on every rank without communication
+    (drawn on the host: no tensor, nothing to read back from a device)."""
+    return bool(np.random.default_rng(_mix_seed(seed, 0x5EED, step, micro)).random() < p)
+
+
+_NO_BAD_STEP = 2**62          # "no non-finite step seen" in the loop's device-side bookkeeping
+
+
+def _host_flag_group(world_size: int):
+    """The process group for the loop's host flags: False on one process, the default group when
+    it is gloo (CPU), else a gloo group beside NCCL so that agreeing on a signal never touches
+    the GPU. Collective: every rank calls it at the same point."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return False
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
+def _draw_noise(*args, **kwargs):
+    from srdit.transport import draw_noise
+    return draw_noise(*args, **kwargs)
 
 
 def _noise_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_mix_seed(seed, step, rank, micro))
+
+
+# ZeRO-1 pays only when the AdamW moments (8 bytes per parameter) are large next to the GPU's
+# memory; below this the partitioning saves little and costs a host sync per step (see
+# resolve_zero_stage). B/1 (140M parameters) has 1.1 GB of moments, XL/1 (675M) 5.4 GB.
+ZERO_AUTO_MIN_PARAMS = 500_000_000
+
+
+def resolve_zero_stage(setting, num_params: int, world_size: int) -> int:
+    """The ZeRO stage the engine runs: `train.zero_stage`, or for "auto" 0 on one process or
+    below ZERO_AUTO_MIN_PARAMS parameters (plain data parallel: DeepSpeed's stage 1/2 read the
+    gradient norm back to the host every step) and 1 above."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if world_size == 1 or num_params < ZERO_AUTO_MIN_PARAMS else 1
+
+
+def deepspeed_config(global_batch: int, micro_batch: int, accumulation: int, zero_stage: int, grad_clip: float,
+                     cuda: bool) -> dict:
+    """The DeepSpeed engine config: no timers or prints that synchronise the device, gradient
+    reduction in 25M-element buckets overlapped with the backward pass (ZeRO 1/2)."""
+    bucket = 25_000_000
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        # ZeRO 1/2 clip inside the optimizer; for stage 0 the trainer clips (see _train_step)
+        "gradient_clipping": grad_clip if zero_stage > 0 else 0.0,
+        # fp32 parameters, gradients and optimizer; bf16 is autocast in the forward only
+        "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": cuda,
+                              "reduce_scatter": True, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        # the throughput timer synchronises the device twice per micro-batch when enabled
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
+    }
+
+
+class StepLoss(torch.nn.Module):
+    """The differentiable part of one micro-step, model forward and loss, as one module so that
+    `torch.compile` sees (and fuses) both. Every random number is an input (t, eps, eps_c, label
+    dropout, SPRINT's kept tokens, the path-drop coin), drawn by the trainer in eager mode, so a
+    compiled and an eager step see the same numbers and the RNG streams do not depend on
+    `train.compile`. Returns (total loss, the five loss terms stacked, detached)."""
+
+    def __init__(self, model: torch.nn.Module, objective, latent_scale: float, latent_bias: float,
+                 autocast_dtype: torch.dtype | None, device_type: str):
+        super().__init__()
+        from srdit.transport import training_losses
+        self.model, self.objective = model, objective
+        self.latent_scale, self.latent_bias = float(latent_scale), float(latent_bias)
+        self.autocast_dtype, self.device_type = autocast_dtype, device_type
+        # the trainer's hook (tests replace it) when set, else the objective itself
+        self.losses_fn = _training_losses if _training_losses is not _TRAINING_LOSSES_HOOK else training_losses
+
+    def forward(self, latent, y, t_cls, t_tokens, t, eps, eps_c, drop_labels, ids_keep, path_drop: bool | None):
+        x0 = latent.float() * self.latent_scale + self.latent_bias
+        t_cls = t_cls.float() if t_cls is not None else None
+        t_tokens = t_tokens.float() if t_tokens is not None else None
+        kwargs = dict(t=t, noise=(eps, eps_c), ids_keep=ids_keep, drop_labels=drop_labels, path_drop=path_drop)
+        if self.autocast_dtype is None:
+            terms = self.losses_fn(self.model, x0, y.long(), t_cls, t_tokens, self.objective, **kwargs)
+        else:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                terms = self.losses_fn(self.model, x0, y.long(), t_cls, t_tokens, self.objective, **kwargs)
+        values = torch.stack([terms.total.detach().float(), terms.v.detach().float(), terms.cls.detach().float(),
+                              terms.proj.detach().float(), terms.cfm.detach().float()])
+        return terms.total, values
 
 
 def _flat_items(d: dict, prefix: str = ""):
@@ -258,6 +347,9 @@ def _training_losses(*args, **kwargs):
     return training_losses(*args, **kwargs)
 
 
+_TRAINING_LOSSES_HOOK = _training_losses     # replaced by tests to poison the loss
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -301,6 +393,8 @@ class _Trainer:
         precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.precision = precision
+        # train.compile "auto": compile the step on CUDA; the CPU runs eager (tests, the demo)
+        self.compile = device.type == "cuda" if t.compile == "auto" else bool(t.compile)
         self.micro, self.accum = batch_geometry(t.global_batch, t.micro_batch, self.world)
         scale = cfg.data.latent_scale
         self.latent_scale = DEFAULT_LATENT_SCALE[cfg.data.tokenizer] if scale is None else scale
@@ -358,15 +452,20 @@ class _Trainer:
                 # would leave its output absent.
                 save_snapshot(snapshot, {k: v.cpu() for k, v in state["model"].items()},
                               {k: v.cpu() for k, v in state["ema"].items()}, cfg.to_json(), self.step)
-        if t.compile:
-            model.compile()
-
+        self.zero_stage = resolve_zero_stage(t.zero_stage, sum(p.numel() for _, p in self.named_params), self.world)
         self.engine = self._build_engine(model)
         if state is not None:
             restore_optimizer_state(self.engine, self.named_params, state["optimizer"])
+        self.step_loss = StepLoss(model, cfg.objective, self.latent_scale, self.latent_bias, self.autocast_dtype,
+                                  self.device.type)
+        if self.compile:
+            # the whole micro-step (forward and loss) as one graph; randomness is drawn outside
+            self.step_loss = torch.compile(self.step_loss)
+        self._host_group = _host_flag_group(self.world)
 
-        self.loader = _make_loader(self.cache, self.micro, self.rank, self.world, t.seed, t.num_workers, cfg,
-                                   self.device)
+        from srdit.data.prefetch import DevicePrefetcher
+        self.loader = DevicePrefetcher(_make_loader(self.cache, self.micro, self.rank, self.world, t.seed,
+                                                    t.num_workers, cfg, self.device), self.device)
         if state is not None:
             self._restore_loader(state, rank_state)
         self._batches = iter(self.loader)
@@ -387,7 +486,7 @@ class _Trainer:
             info = collect_run_info(self.argv, world_size=self.world, launcher=self.launch.launcher,
                                     device=str(self.device), precision=self.precision,
                                     micro_batch=self.micro, accumulation=self.accum,
-                                    zero_stage=t.zero_stage, start_step=self.step,
+                                    zero_stage=self.zero_stage, compile=self.compile, start_step=self.step,
                                     target_step=seg.target_step, max_steps=t.max_steps,
                                     resumed_from=str(resume_dir) if resume_dir else None)
             atomic_write_json(self.run_dir / "env.json", info)
@@ -422,20 +521,11 @@ class _Trainer:
         t = self.cfg.train
         optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=t.lr, betas=tuple(t.betas),
                                       weight_decay=t.weight_decay, eps=t.eps,
-                                      fused=True if self.device.type == "cuda" else None)
-        ds_config = {
-            "train_batch_size": t.global_batch,
-            "train_micro_batch_size_per_gpu": self.micro,
-            "gradient_accumulation_steps": self.accum,
-            # ZeRO 1/2 clip inside the optimizer; for stage 0 the trainer clips (see _train_step)
-            "gradient_clipping": t.grad_clip if t.zero_stage > 0 else 0.0,
-            # fp32 parameters, gradients and optimizer; bf16 is autocast in the forward only
-            "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": True,
-                                  "overlap_comm": self.device.type == "cuda"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
+                                      # fused (CPU and CUDA): one kernel, and no per-parameter
+                                      # read of the step counter (`foreach`/single-tensor call .item())
+                                      fused=True)
+        ds_config = deepspeed_config(t.global_batch, self.micro, self.accum, self.zero_stage, t.grad_clip,
+                                     self.device.type == "cuda")
         # DeepSpeed 0.19's start-up broadcast of the weights from rank 0 views every parameter
         # as bytes, which fails for 0-dim tensors (the value-residual lambdas). Do the same
         # broadcast here, shape-safe, and switch DeepSpeed's off while it sets up.
@@ -517,43 +607,80 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _train_step(self):
-        """One optimizer step over `accum` micro-batches; returns (loss terms summed, grad norm, data s)."""
+        """One optimizer step over `accum` micro-batches; returns (loss terms summed, grad norm,
+        data s). The losses and the norm stay on the device: nothing here waits for the GPU."""
         cfg, step = self.cfg, self.step
         sprint = cfg.model.sprint
         needs_teacher = cfg.model.class_token or cfg.objective.proj_coeff > 0
+        cls_dim = cfg.model.cls_token_dim if cfg.model.class_token else None
+        latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        bare = self.engine.module
         sums, data_s, clip_norm = None, 0.0, None
         for micro in range(self.accum):
             t0 = time.perf_counter()
             batch = self._next_batch()
             data_s += time.perf_counter() - t0
-            x0 = batch["latent"].to(self.device, non_blocking=True).float() * self.latent_scale + self.latent_bias
-            y = batch["label"].to(self.device, non_blocking=True).long()
+            latent = batch["latent"].to(self.device, non_blocking=True)
+            y = batch["label"].to(self.device, non_blocking=True)
             t_cls, t_tokens = self._teacher_features(batch) if needs_teacher else (None, None)
             coin = (path_drop_coin(cfg.train.seed, step, micro, sprint.path_drop)
                     if sprint.enabled and sprint.path_drop > 0 else None)
+            # every random number of the micro-step, drawn here in eager mode (see StepLoss)
             gen = _noise_generator(cfg.train.seed, step, self.rank, micro, self.device)
-            with self._autocast():
-                terms = _training_losses(self.engine, x0, y, t_cls, t_tokens, cfg.objective,
-                                         generator=gen, path_drop=coin)
-            self.engine.backward(terms.total)
-            if micro == self.accum - 1 and self.cfg.train.zero_stage == 0:
+            t, eps, eps_c = _draw_noise(latent.shape[0], cfg.objective, latent_shape, cls_dim, gen, self.device)
+            drop_labels, ids_keep = bare.draw_training_randomness(latent.shape[0], self.device)
+            total, values = self.step_loss(latent, y, t_cls, t_tokens, t, eps, eps_c, drop_labels, ids_keep, coin)
+            self.engine.backward(total)
+            if micro == self.accum - 1 and self.zero_stage == 0:
                 # Stage 0: the gradients are all-reduced by now. DeepSpeed 0.19's own fp32 clipping
                 # multiplies each gradient by a (1,) tensor, which fails for 0-dim parameters.
                 clip_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named_params],
-                                                           self.cfg.train.grad_clip)
+                                                           self.cfg.train.grad_clip, foreach=True)
             self.engine.step()
-            values = torch.stack([terms.total.detach().float(), terms.v.detach().float(),
-                                  terms.cls.detach().float(), terms.proj.detach().float(),
-                                  terms.cfm.detach().float()])
             sums = values if sums is None else sums + values
-        grad_norm = clip_norm if self.cfg.train.zero_stage == 0 else self.engine.get_global_grad_norm()
+        grad_norm = clip_norm if self.zero_stage == 0 else self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                     dtype=torch.float32, device=self.device).reshape(())
         return sums / self.accum, grad_norm, data_s
 
+    def _agree(self, flags: list[bool]) -> list[bool]:
+        """Host flags (signal received, out of time) OR-ed over the ranks, on the CPU: no device
+        synchronisation (a gloo group next to NCCL)."""
+        if self._host_group is False:
+            return flags
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
+        return [bool(v) for v in t.numpy()]
+
+    def _check_finite(self, window) -> None:
+        """Raise TrainingDiverged when any rank saw a non-finite loss or gradient norm since the
+        last check. One device read, at log and checkpoint steps only: each step only folds its
+        flag into `first_bad` (the first bad step, on the device)."""
+        first_bad = window["first_bad"]
+        if self.world > 1:
+            first_bad = first_bad.clone()
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+        bad_step = int(first_bad.item())
+        if bad_step >= _NO_BAD_STEP:
+            return
+        values = window["bad_values"].tolist()
+        good = latest_checkpoint(self.ckpt_root)
+        kept = (f"the last good checkpoint {good} is untouched" if good is not None
+                else "no checkpoint had been written yet")
+        seen = (f" (loss terms total/v/cls/proj/cfm {values[1:6]}, grad norm {values[6]})"
+                if values[0] == bad_step else "")
+        raise TrainingDiverged(
+            f"non-finite loss or gradient at step {bad_step}{seen}; stopped without saving at step {self.step}, "
+            f"{kept}. Lower train.lr or check the cache for bad latents, then rerun to resume")
+
+    def _new_window(self) -> dict:
+        return dict(steps=0, loss=torch.zeros(5, device=self.device), grad=torch.zeros((), device=self.device),
+                    data_s=0.0, t0=time.perf_counter(),
+                    first_bad=torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=self.device),
+                    bad_values=torch.full((7,), -1.0, dtype=torch.float64, device=self.device))
+
     def _loop(self, seg: Segment, signals: StopSignals) -> str:
         from tqdm import tqdm
-        from srdit import distributed as dist_utils
         from srdit.flops import mfu, peak_flops_per_device
 
         cfg, t = self.cfg, self.cfg.train
@@ -561,8 +688,7 @@ class _Trainer:
         start_step, t_start = self.step, time.monotonic()
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         peak = peak_flops_per_device(device_name)
-        window = dict(steps=0, loss=torch.zeros(5, device=self.device), grad=0.0, data_s=0.0,
-                      t0=time.perf_counter())
+        window = self._new_window()
         bar = tqdm(total=seg.target_step, initial=self.step, disable=not self.is_main, unit="step",
                    desc=f"train {cfg.name}", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
         try:
@@ -576,26 +702,30 @@ class _Trainer:
                 self.step += 1
                 if self.on_step is not None:
                     self.on_step(self.step)
-                bad = (~torch.isfinite(torch.cat([losses, grad_norm.reshape(1)]))).any().double().item()
-                out_of_time = seg.max_minutes > 0 and (time.monotonic() - t_start) / 60 >= seg.max_minutes
-                bad, preempt, out_of_time = dist_utils.all_reduce_max(
-                    [bad, float(signals.received is not None), float(out_of_time)], self.device)
-                if bad:
-                    good = latest_checkpoint(self.ckpt_root)
-                    kept = (f"the last good checkpoint {good} is untouched" if good is not None
-                            else "no checkpoint had been written yet")
-                    raise TrainingDiverged(
-                        f"non-finite loss or gradient at step {self.step} (loss terms total/v/cls/proj/cfm "
-                        f"{losses.tolist()}, grad norm {grad_norm.item()}); stopped without saving, {kept}. "
-                        f"Lower train.lr or check the cache for bad latents, then rerun to resume")
-                bar.update(1)
+                # device-side bookkeeping only: the first non-finite step and its values
+                finite = torch.isfinite(losses).all() & torch.isfinite(grad_norm)
+                first = (~finite) & (window["first_bad"] >= _NO_BAD_STEP)
+                window["first_bad"] = torch.where(first, torch.full_like(window["first_bad"], self.step),
+                                                  window["first_bad"])
+                record = torch.cat([losses.double(), grad_norm.double().reshape(1),
+                                    torch.full((1,), float(self.step), dtype=torch.float64, device=self.device)])
+                window["bad_values"] = torch.where(first, record[[6, 0, 1, 2, 3, 4, 5]], window["bad_values"])
                 window["steps"] += 1
                 window["loss"] += losses
-                window["grad"] += grad_norm.item()
+                window["grad"] += grad_norm
                 window["data_s"] += data_s
-                if self.step % t.log_every == 0 or self.step == seg.target_step or preempt or out_of_time:
-                    self._log_window(window, peak, bar, mfu)
-                if self.step % t.ckpt_every == 0:
+                bar.update(1)
+                out_of_time = seg.max_minutes > 0 and (time.monotonic() - t_start) / 60 >= seg.max_minutes
+                preempt, out_of_time = self._agree([signals.received is not None, out_of_time])
+                last = (self.step >= seg.target_step or preempt or out_of_time
+                        or (seg.max_steps and self.step - start_step >= seg.max_steps))
+                checkpoint = self.step % t.ckpt_every == 0
+                if self.step % t.log_every == 0 or last or checkpoint:
+                    # the only device reads of the loop; every checkpoint (the final one too) follows one
+                    self._check_finite(window)
+                    if window["steps"]:
+                        self._log_window(window, peak, bar, mfu)
+                if checkpoint:
                     self._save_checkpoint("periodic")
                 if preempt:
                     return "preempted"
@@ -612,7 +742,7 @@ class _Trainer:
         loss = dist_utils.all_reduce_mean(window["loss"] / n).tolist()
         img_s = n * self.cfg.train.global_batch / elapsed
         values = {"loss": loss[0], "loss_v": loss[1], "loss_cls": loss[2], "loss_proj": loss[3],
-                  "loss_cfm": loss[4], "grad_norm": window["grad"] / n, "lr": self.cfg.train.lr,
+                  "loss_cfm": loss[4], "grad_norm": window["grad"].item() / n, "lr": self.cfg.train.lr,
                   "steps_per_s": n / elapsed, "img_per_s": img_s,
                   "img_per_s_per_device": img_s / self.world,
                   "mfu": mfu_fn(img_s, self.flops_per_image, self.world, peak),
@@ -620,8 +750,7 @@ class _Trainer:
                   "peak_mem_mb": _peak_memory_mb(self.device)}
         self.logger.log(self.step, values)
         bar.set_postfix(loss=f"{loss[0]:.4f}", img_s=f"{img_s:.0f}", refresh=False)
-        window.update(steps=0, loss=torch.zeros_like(window["loss"]), grad=0.0, data_s=0.0,
-                      t0=time.perf_counter())
+        window.update({k: v for k, v in self._new_window().items() if k not in ("first_bad", "bad_values")})
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, reason: str) -> None:
@@ -643,7 +772,7 @@ class _Trainer:
             ema_state = {k: v.cpu() for k, v in self.ema.state_dict().items()}
             atomic_torch_save({"format": CHECKPOINT_FORMAT, "step": self.step, "model": model_state,
                                "ema": ema_state, "optimizer": optimizer_state, "world_size": self.world,
-                               "zero_stage": self.cfg.train.zero_stage, "micro_batch": self.micro,
+                               "zero_stage": self.zero_stage, "micro_batch": self.micro,
                                "accumulation": self.accum, "config": self.cfg.to_json(), "reason": reason},
                               tmp / STATE_FILE)
             save_snapshot(self.snap_root / f"{tag}.safetensors", model_state, ema_state,

@@ -139,18 +139,29 @@ def repa_loss(zs: Sequence[Tensor], target: Tensor) -> Tensor:
     return torch.stack(per_projector).mean()
 
 
+def draw_noise(batch: int, objective_cfg: ObjectiveConfig, latent_shape: Sequence[int], cls_dim: int | None,
+               generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(t, eps, eps_c): the draws `training_losses` would make from `generator`, in its order
+    (eps_c only when `cls_dim`, the width of the REG class token, is given)."""
+    t = sample_t(batch, objective_cfg, latent_shape, generator, device)
+    eps = _draw("normal", (batch, *latent_shape), generator, device)
+    eps_c = _draw("normal", (batch, int(cls_dim)), generator, device) if cls_dim else None
+    return t, eps, eps_c
+
+
 def training_losses(model, x0: Tensor, y: Tensor, teacher_cls: Tensor | None,
                     teacher_tokens: Tensor | None, objective_cfg: ObjectiveConfig, *,
                     generator: torch.Generator | None = None, path_drop: bool | None = None,
                     ids_keep: Tensor | None = None, drop_labels: Tensor | None = None,
-                    t: Tensor | None = None) -> LossTerms:
+                    t: Tensor | None = None, noise: tuple[Tensor, Tensor | None] | None = None) -> LossTerms:
     """One forward pass and every loss term.
 
     x0 (B,C,H,W) scaled latents; y (B,) labels; teacher_cls (B,Z) the raw teacher CLS token (the
     REG c0, required when the model has a class token); teacher_tokens (B,N,D) the teacher patch
     tokens (required when proj_coeff > 0). `path_drop`, `ids_keep`, `drop_labels` pass through to
-    the model (SPRINT and label dropout happen inside it). `t` (B,) overrides the time draw.
-    Draw order from `generator`: t (unless given), eps (B,C,H,W), eps_c (B,Z).
+    the model (SPRINT and label dropout happen inside it). `t` (B,) overrides the time draw and
+    `noise` = (eps, eps_c) the noise draws (see `draw_noise`: a compiled step gets every random
+    number as an input). Draw order from `generator`: t (unless given), eps (B,C,H,W), eps_c (B,Z).
     """
     o = objective_cfg
     if o.path != "linear":
@@ -171,14 +182,14 @@ def training_losses(model, x0: Tensor, y: Tensor, teacher_cls: Tensor | None,
         t = sample_t(batch, o, x0.shape[1:], generator, device)
     t = t.to(device=device, dtype=torch.float32)
     t_img = t.view(batch, 1, 1, 1)
-    eps = _draw("normal", tuple(x0.shape), generator, device)
+    eps = _draw("normal", tuple(x0.shape), generator, device) if noise is None else noise[0].to(device)
     x_t = (1 - t_img) * x0 + t_img * eps
     v_target = eps - x0
 
     cls_t = cls_target = None
     if uses_cls:
         c0 = teacher_cls.to(device=device, dtype=torch.float32)
-        eps_c = _draw("normal", tuple(c0.shape), generator, device)
+        eps_c = _draw("normal", tuple(c0.shape), generator, device) if noise is None else noise[1].to(device)
         t_cls = t.view(batch, 1)
         cls_t = (1 - t_cls) * c0 + t_cls * eps_c
         cls_target = eps_c - c0

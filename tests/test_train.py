@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY = "demo_srdit"
 N = 3                     # steps before the preemption; the runs go to 2N
 TINY = {"train": {"global_batch": 8, "micro_batch": 4, "max_steps": 200, "ckpt_every": 1000,
-                  "log_every": 1, "num_workers": 0, "keep_ckpts": 2}}
+                  "log_every": 1, "num_workers": 0, "keep_ckpts": 2, "zero_stage": 1}}
 SET_ARGS = [f"train.{k}={v}" for k, v in TINY["train"].items()]
 
 # Runs the trainer like `srdit train`, plus two test hooks: SIGTERM to itself after a given step

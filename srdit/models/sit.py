@@ -180,6 +180,19 @@ class SRDiT(nn.Module):
         device = generator.device if generator is not None else None
         return bool(torch.rand((), generator=generator, device=device) < self.config.sprint.path_drop)
 
+    def draw_training_randomness(self, batch: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(drop_labels, ids_keep): the draws a training-mode forward makes from the global torch
+        RNG when they are not given, with the same calls in the same order. The trainer draws them
+        outside the forward and passes them in, so that a compiled forward (which would draw its
+        own numbers) sees the same random numbers as an eager one."""
+        cfg = self.config
+        drop_labels = ids_keep = None
+        if self.training and cfg.label_dropout > 0:
+            drop_labels = torch.rand(batch, device=device) < cfg.label_dropout
+        if self.sprint is not None and self.training:
+            ids_keep = draw_keep_indices(batch, self.num_tokens, cfg.sprint.drop_ratio, device)
+        return drop_labels, ids_keep
+
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, HW, p*p*C) -> (B, C, H, W)."""
         cfg = self.config
@@ -217,17 +230,25 @@ class SRDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: torch.Tensor | None = None,
                 *, uncond: bool = False, ids_keep: torch.Tensor | None = None, path_drop: bool | None = None,
                 drop_labels: torch.Tensor | None = None, compute_zs: bool = True,
-                capture: dict | None = None) -> ModelOutput:
+                capture: dict | None = None, uncond_rows: int = 0) -> ModelOutput:
         """See docs/interfaces.md. Extra keywords: `compute_zs=False` skips the REPA projectors
         (sampling); `capture`, a dict, receives named intermediates (patch_tokens, t_emb, y_emb,
         c, cls_in, block{i}, g_pad, h_in, final_tokens) for `srdit check-reference`.
 
         `ids_keep` is honoured in any mode; `uncond=True` and `path_drop=True` both replace the
         padded sparse output by the mask token (the reference honours `uncond` in eval mode only).
+        `uncond_rows=n` (eval mode, sampling with guidance): the last n rows are unconditional
+        (`uncond=True` for them alone), so that the conditional and the unconditional branch run
+        as one batch; each row gets what a separate call would give it.
         """
         cfg = self.config
         drop_sparse = bool(uncond) or bool(path_drop)
-        self._check_inputs(x, t, y, cls_token, ids_keep, drop_sparse)
+        n_uncond = int(uncond_rows)
+        if n_uncond:
+            if self.training or drop_sparse or ids_keep is not None or not 0 < n_uncond <= x.shape[0]:
+                raise ValueError(f"uncond_rows={n_uncond}: only in eval mode, without uncond/path_drop/ids_keep, "
+                                 f"and at most the batch size {x.shape[0]}")
+        self._check_inputs(x, t, y, cls_token, ids_keep, drop_sparse or n_uncond > 0)
         record = (lambda name, value: capture.__setitem__(name, value)) if capture is not None else (lambda *_: None)
         B, T = x.shape[0], self.num_tokens
 
@@ -251,12 +272,13 @@ class SRDiT(nn.Module):
         features: dict[int, torch.Tensor] = {}      # output after `depth` blocks, for REPA
         v1 = None                                   # block 0's raw values (value residual)
 
-        def run_blocks(start: int, stop: int, h, rope, values):
+        def run_blocks(start: int, stop: int, h, rope, values, cond=None):
             """Blocks start..stop-1; `values` are block 0's values at these tokens (None until
-            block 0 has run: block 0 itself has no value residual)."""
+            block 0 has run: block 0 itself has no value residual); `cond`: c for these rows."""
             nonlocal v1
+            cond = c if cond is None else cond
             for i in range(start, stop):
-                h, v_raw = self.blocks[i](h, c, rope, values if i > 0 else None)
+                h, v_raw = self.blocks[i](h, cond, rope, values if i > 0 else None)
                 if i == 0 and cfg.value_residual != "none":
                     v1 = values = v_raw
                 record(f"block{i}", h)
@@ -276,6 +298,15 @@ class SRDiT(nn.Module):
             if drop_sparse and not (self.training and torch.is_grad_enabled()):
                 # the middle output would be discarded: skip computing it (sampling)
                 g_pad = self.sprint.mask_sequence(B, T, x_enc.dtype)
+            elif n_uncond:
+                # guidance batch: the middle blocks run on the conditional rows only
+                n_cond = B - n_uncond
+                parts = []
+                if n_cond:
+                    parts.append(run_blocks(n_enc, cfg.depth - n_dec, x_enc[:n_cond], rope_full,
+                                            None if v1 is None else v1[:n_cond], c[:n_cond]))
+                parts.append(self.sprint.mask_sequence(n_uncond, T, x_enc.dtype))
+                g_pad = torch.cat(parts) if len(parts) > 1 else parts[0]
             else:
                 x_mid, rope_mid, v1_mid = x_enc, rope_full, v1
                 if ids_keep is not None:
@@ -305,10 +336,13 @@ class SRDiT(nn.Module):
             zs = [proj(features[d]) for proj, d in zip(self.projectors, cfg.align_depths)]
         return ModelOutput(velocity=self.unpatchify(out_tokens), zs=zs, cls_velocity=cls_velocity)
 
+    # samplers may batch the two guidance branches through `uncond_rows` (srdit.sample)
+    supports_uncond_rows = True
+
     def forward_velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                         cls_token: torch.Tensor | None = None, uncond: bool = False):
-        """(velocity, cls_velocity) for samplers: no REPA projectors."""
-        out = self.forward(x, t, y, cls_token, uncond=uncond, compute_zs=False)
+                         cls_token: torch.Tensor | None = None, uncond: bool = False, uncond_rows: int = 0):
+        """(velocity, cls_velocity) for samplers: no REPA projectors. `uncond_rows`: see forward."""
+        out = self.forward(x, t, y, cls_token, uncond=uncond, compute_zs=False, uncond_rows=uncond_rows)
         return out.velocity, out.cls_velocity
 
 
