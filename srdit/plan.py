@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from srdit.config import ConfigError, build_config, deep_merge, inherited_meta, load_registry, resolve_entry
-from srdit.flops import PEAK_BF16_TFLOPS, forward_flops_per_image, teacher_flops_per_image
+from srdit.flops import PEAK_BF16_TFLOPS, TEACHER_SHAPES, forward_flops_per_image
 
 # ------------------------------------------------------------------------------ stated assumptions
 
@@ -249,7 +249,7 @@ class Coster:
     # --- training
     def train_flops(self, cfg, online: bool) -> float:
         dense = forward_flops_per_image(_dense(cfg.model))["total"] * 3
-        return dense + (teacher_flops_per_image(cfg.data.teacher) if online else 0.0)
+        return dense + (teacher_flops_per_image(cfg.data.teacher, cfg.data.resolution) if online else 0.0)
 
     def train_rate(self, cfg, online: bool) -> Figure:
         stage = "train-online" if online else "train"
@@ -262,7 +262,8 @@ class Coster:
         return TOKENIZER_GFLOPS[cfg.data.tokenizer][which] * 1e9 * (cfg.data.resolution / 256) ** 2
 
     def encode_rate(self, cfg, with_teacher: bool) -> Figure:
-        flops = self.tokenizer_flops(cfg, 0) + (teacher_flops_per_image(cfg.data.teacher) if with_teacher else 0)
+        flops = self.tokenizer_flops(cfg, 0) + (teacher_flops_per_image(cfg.data.teacher, cfg.data.resolution)
+                                                if with_teacher else 0)
         return self._rate("encode", cfg, flops, INFER_MFU, f"{flops / 1e9:.0f} GFLOP/image")
 
     def sample_flops(self, cfg) -> float:
@@ -304,6 +305,16 @@ class Coster:
     def teacher_bytes_if_cached(self, cfg) -> int:
         grid = cfg.data.resolution // 16
         return (grid * grid + 1) * cfg.model.cls_token_dim * 2
+
+
+def teacher_flops_per_image(teacher: str, resolution: int = 256) -> float:
+    """Forward matmul FLOPs of a DINOv2 teacher on one image at the latent grid of `resolution`
+    (14 px patches, (resolution / 16)^2 patch tokens + CLS: 224 px at 256, 448 px at 512)."""
+    depth, d = TEACHER_SHAPES[teacher]
+    grid = resolution // 16
+    tokens = grid * grid + 1
+    return (depth * (2 * tokens * (4 * d * d + 2 * d * 4 * d) + 4 * tokens * tokens * d)
+            + 2 * grid * grid * 3 * 14 * 14 * d)
 
 
 def _dense(model, inference: bool = False):
@@ -387,9 +398,7 @@ def build_plan(configfiles: list[str], targets: list[str], profile: str | None =
             images = max(0, step - start) * cfg.train.global_batch
             online = not cfg.data.cache_teacher
             rate = c.train_rate(cfg, online)
-            from srdit.distributed import requested_shape       # gpu, gres or --gpus-per-node; x nodes
-            job_nodes, per_node, _ = requested_shape(job.resources)
-            gpus = job_nodes * (per_node or node_gpus)
+            gpus = _job_gpus(job.resources, node_gpus)
             hours = images / rate.value / 3600
             r.gpu_hours["training"] += hours
             chains[run] += hours / gpus
@@ -517,6 +526,17 @@ def build_plan(configfiles: list[str], targets: list[str], profile: str | None =
         images={res: n for res, (n, _) in c.images.items()},
         notes=notes, dry=(jobs, stats),
     )
+
+
+def _job_gpus(resources: dict, node_gpus: int) -> int:
+    """GPUs of one training job: nodes x GPUs per node as the job requests them (gpu, gres or
+    --gpus-per-node, srdit.distributed.requested_shape), else its `gpu` count on one node."""
+    try:
+        from srdit.distributed import requested_shape
+    except ImportError:
+        return int(resources.get("gpu", node_gpus) or node_gpus)
+    job_nodes, per_node, _ = requested_shape(resources)
+    return job_nodes * (per_node or node_gpus)
 
 
 def _segment_start(job: Job, results_root: str, run: str) -> int:

@@ -150,3 +150,12 @@ def test_cli_prints_the_row_and_writes_json(paper, tmp_path):
                           "--configfile", "site.yaml", "--gpu-model", "Z9000"], cwd=paper, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "gpu-model" in bad.stderr and "H100" in bad.stderr
+
+
+def test_teacher_cost_grows_with_the_resolution():
+    from srdit.flops import teacher_flops_per_image as flops_224
+    from srdit.plan import teacher_flops_per_image
+
+    assert teacher_flops_per_image("dinov2_vitb14", 256) == pytest.approx(flops_224("dinov2_vitb14"))
+    # 448 px at 512: 1025 tokens instead of 257, attention quadratic in them
+    assert 4.0 < teacher_flops_per_image("dinov2_vitb14", 512) / teacher_flops_per_image("dinov2_vitb14", 256) < 5.0

@@ -29,8 +29,8 @@ from srdit.sample import sampler_tag
 
 # Two roots (config results_root / cache_root): what must last (runs, metrics, report, logs)
 # and the bulky files that can be remade (image and latent caches, samples).
-RESULTS = config["results_root"].rstrip("/") or "."
-CACHE_ROOT = config["cache_root"].rstrip("/") or "."
+RESULTS = str(Path(config["results_root"]))       # "results/" -> "results"
+CACHE_ROOT = str(Path(config["cache_root"]))
 RESOURCES_DIR = config["resources_dir"]
 DATASET = config["data"]["name"]
 RANDOM = bool(config["random_weights"])
