@@ -32,6 +32,9 @@ SRDIT_RUN = ("info", "check-reference", "status", "plan", "prune")
 SRDIT_PARSE = ("verify-release", "fetch")
 # `snakemake --report` needs a finished run: tests/test_slurm.py builds one and runs it there
 NEEDS_RESULTS = ("--report",)
+# Slurm's clients: the read-only ones run here where a cluster answers; scancel is only parsed
+SLURM_READ = ("squeue", "sinfo", "sacct")
+SLURM_WRITE = ("scancel",)
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:
@@ -156,6 +159,18 @@ def test_other_command_runs_or_parses(item, work):
     elif head == "python" and words[1].startswith("benchmarks/"):
         result = _run([sys.executable, words[1], "--help"], REPO, timeout=120)
         assert result.returncode == 0, f"{where}\n{result.stderr[-2000:]}"
+    elif head in SLURM_READ + SLURM_WRITE:
+        assert not any(w.startswith("<") for w in words[1:]) or head in SLURM_WRITE, f"{where}: a placeholder"
+        if head in SLURM_READ and shutil.which(head):
+            result = subprocess.run(words, capture_output=True, text=True, timeout=60)
+            assert "invalid option" not in result.stderr and "unrecognized option" not in result.stderr, \
+                f"{where}\n{result.stderr}"
+    elif head == "pytest" or words[:3] == ["python", "-m", "pytest"]:
+        paths = [w for w in words[1:] if w.startswith("tests/")]
+        result = _run([sys.executable, "-m", "pytest", "--collect-only", "-q", *paths], REPO, timeout=300)
+        assert result.returncode == 0, f"{where}\n{result.stdout[-2000:]}"
+    elif head == "bash" and words[1].startswith("ci/"):
+        assert (REPO / words[1]).is_file(), where
     elif head == "source":
         assert words[1:] == [".venv/bin/activate"], where
         assert re.search(r"^VENV\s*:?=\s*\.venv$", (REPO / "Makefile").read_text(), re.M), \
