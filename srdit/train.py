@@ -16,8 +16,22 @@ warm-up), gradient clipping at 1.0, a global batch (256) = micro-batch x accumul
 size whatever the number of processes, EMA 0.9999 after every optimizer step (srdit/ema.py).
 Precision: the parameters, gradients, gradient all-reduce and optimizer stay fp32; on a GPU the
 forward runs under bf16 autocast (what the original's `accelerate --mixed-precision bf16` does),
-on the CPU in fp32. ZeRO stage 0, 1 or 2 (`train.zero_stage`, 1 by default) partitions the AdamW
-state (and, for 2, the gradients) across ranks; the parameters stay whole on every rank.
+on the CPU in fp32. ZeRO stage 1 or 2 (`train.zero_stage`) partitions the AdamW state (and, for
+2, the gradients) across ranks, with the gradient reduction in 25M-element buckets overlapped
+with the backward pass; the parameters stay whole on every rank. "auto" (the default) takes
+stage 0, plain data parallel, on one process and below 500M parameters (B/1: its AdamW state is
+1.1 GB, and DeepSpeed's stage 1/2 read the gradient norm back to the host every step), stage 1
+above (XL/1).
+
+Speed (a GPU step is bound by launch overheads, not arithmetic): the forward and the loss are
+one `torch.compile`d graph (`StepLoss`, `train.compile: auto` = on CUDA), with every random
+number drawn outside it so that compiling changes no random stream; batches are copied to the
+GPU on a side stream from pinned memory one step ahead (srdit/data/prefetch.py); the loop never
+waits for the device except at logging steps (`train.log_every`) and checkpoints: the loss
+terms, the gradient norm and a "first non-finite step" flag accumulate on the device and are
+read there (so divergence is found at the next such step, named by the step it happened at),
+and the stop flags (signals, time limit) are agreed on over a CPU (gloo) group; DeepSpeed's
+throughput timer, which synchronises twice per micro-batch, is off.
 
 Randomness, and why resume is exact:
 - t, eps and the class-token noise come from a generator seeded by (seed, step, rank, micro

@@ -410,3 +410,27 @@ def test_counter_noise_cost_does_not_grow_with_the_batch():
     per_sample = [ops(PerSampleNoise(range(n), seed=0, device="cpu")) for n in (4, 64)]
     assert bulk[0] == bulk[1] < 120
     assert per_sample[1] > 10 * per_sample[0] / 2 and per_sample[1] > bulk[1]
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh, quick mode
+# --------------------------------------------------------------------------------------------
+
+def test_gpu_check_quick_mode_runs_end_to_end_on_the_cpu(tmp_path):
+    """The GPU check's every stage (training eager and compiled, sampling with and without
+    guidance, encoding, Inception and DINOv2 features) at tiny sizes on the CPU; one table, one
+    JSON file, and nothing else written."""
+    out = tmp_path / "check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    before = set(os.listdir(tmp_path))
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--quick", "--device", "cpu",
+                        "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    kinds = [(r["kind"], r["variant"].split(" (")[0].split(",")[0]) for r in result["rows"]]
+    assert kinds.count(("train", "ours eager")) == 1 and kinds.count(("train", "ours compiled")) == 1
+    assert sum(k == "sample" for k, _ in kinds) == 2 and ("encode", "E2E-INVAE + dinov2_vits14") in kinds
+    assert sum(k == "features" for k, _ in kinds) == 2
+    assert all(r.get("img_per_s", 0) > 0 for r in result["rows"]), result["rows"]
+    assert "| kind" in p.stdout and "img_per_s" in p.stdout
+    assert set(os.listdir(tmp_path)) - before == {"check.json"}
