@@ -406,8 +406,10 @@ def build_plan(configfiles: list[str], targets: list[str], profile: str | None =
             r.jobs[job.rule] += 1
             snapshots_planned[run].append(step)
             if run not in teacher_rows:
+                n_images, _ = c.dataset_images(cfg.data.resolution)
                 teacher_rows[run] = dict(run=run, mode="online" if online else "cached", steps=0,
-                                         resolution=cfg.data.resolution, teacher=cfg.data.teacher)
+                                         resolution=cfg.data.resolution, teacher=cfg.data.teacher,
+                                         cache_bytes=n_images * c.teacher_bytes_if_cached(cfg))
             t = teacher_rows[run]
             t["steps"] += max(0, step - start)
             t["gpu_hours_cached"] = t.get("gpu_hours_cached", 0) + images / c.train_rate(cfg, False).value / 3600
@@ -670,10 +672,10 @@ def format_plan(plan: dict) -> str:
             extra = t["gpu_hours_online"] - t["gpu_hours_cached"]
             out.append(f"  {t['run']:<42} now {t['mode']:<6} cached {_hours(t['gpu_hours_cached'])} GPU-h, "
                        f"online {_hours(t['gpu_hours_online'])} GPU-h (+{_hours(extra)})")
-        for res, n in sorted(plan["images"].items()):
-            grid = res // 16
-            out.append(f"  cached {res} px DINOv2-B features: {_size(n * (grid * grid + 1) * 768 * 2)} "
-                       f"for {n:,} images (data.cache_teacher: false saves it)")
+        caches = {(t["resolution"], t["teacher"]): t["cache_bytes"] for t in plan["teacher"]}
+        for (res, teacher), size in sorted(caches.items()):
+            out.append(f"  cached {teacher} features at {res} px: {_size(size)} for {plan['images'][res]:,} "
+                       f"images, once per latent cache (data.cache_teacher: false saves it)")
     return "\n".join(out)
 
 

@@ -121,6 +121,8 @@ def test_retention_and_teacher_mode_change_the_figures(paper, b1_plan):
     assert b1_plan["disk"]["teacher features"] == pytest.approx(n * 257 * 768 * 2)
     teacher = {t["run"]: t for t in b1_plan["teacher"]}[B1_RUN]
     assert teacher["mode"] == "cached" and teacher["steps"] == 400_000
+    assert teacher["cache_bytes"] == pytest.approx(b1_plan["disk"]["teacher features"])
+    assert "cached dinov2_vitb14 features at 256 px: 505.7 GB" in format_plan(b1_plan)
     assert teacher["gpu_hours_online"] > teacher["gpu_hours_cached"]
     assert teacher["gpu_hours_cached"] == pytest.approx(b1_plan["gpu_hours"]["training"])
 
