@@ -134,7 +134,10 @@ def run(args) -> int:
     cache = args.cache
     if args.stage_dir:
         from srdit.staging import stage_cache
+        started = time.monotonic()
         cache = stage_cache(cache, args.stage_dir)
+        if args.max_segment_minutes:       # the job's time limit covers the copy too
+            args.max_segment_minutes = max(1.0, args.max_segment_minutes - (time.monotonic() - started) / 60)
     return train(cfg, args.run_dir, cache, until_step=args.until_step,
                  segment_steps=args.max_segment_steps, segment_minutes=args.max_segment_minutes,
                  resources=args.resources, random_teacher=args.random_teacher)
