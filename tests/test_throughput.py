@@ -122,6 +122,19 @@ def test_no_device_sync_outside_logging_and_checkpoint_steps(cache, tmp_path):
     assert all(counter.counts.get(k, 0) > 0 for k in special if k < steps), counter.counts
 
 
+def test_a_zero_1_run_resumes_under_zero_stage_auto(cache, tmp_path):
+    """Runs started with the old default (train.zero_stage 1) resume under "auto" (stage 0 on one
+    process): the checkpoint's AdamW state is whole, so any stage restores it."""
+    run = tmp_path / "run"
+    _train_counting(run, cache, 2, {"zero_stage": 1})
+    _train_counting(run, cache, 3, {"zero_stage": "auto"})
+    from srdit import checkpoint as ckpt
+    state = torch.load(run / ckpt.CHECKPOINT_DIR / ckpt.step_tag(3) / ckpt.STATE_FILE, weights_only=True)
+    assert (state["zero_stage"], state["optimizer"]["step"]) == (0, 3)
+    assert torch.load(run / ckpt.CHECKPOINT_DIR / ckpt.step_tag(2) / ckpt.STATE_FILE,
+                      weights_only=True)["zero_stage"] == 1
+
+
 def test_deepspeed_config_has_no_synchronising_timers_and_overlaps_reduction():
     ds = deepspeed_config(256, 32, 2, 1, 1.0, cuda=True)
     assert ds["timers"]["throughput"]["enabled"] is False
