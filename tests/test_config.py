@@ -42,7 +42,7 @@ def test_ladder_toggles_one_thing_at_a_time():
     assert cfgs[7].objective.time_shift and cfgs[7].sample.time_shift
     final = cfgs[8]
     assert final.sample.balanced and not cfgs[7].sample.balanced
-    # the final recipe (recipe.md section 1)
+    # the final recipe (docs/recipe.md section 1)
     m, o, t = final.model, final.objective, final.train
     assert (m.depth, m.hidden_size, m.num_heads, m.patch_size, m.input_size, m.in_channels) == (12, 768, 12, 1, 16, 32)
     assert (o.cls_coeff, o.proj_coeff, o.cfm_coeff, o.shift_base) == (0.03, 0.5, 0.05, 4096)
@@ -164,3 +164,48 @@ def test_evaluation_only_rows_share_runs_but_changed_children_train_their_own(tm
     assert inherited_meta("b1_valres_cfg2.3_gh0.75", registry, "train_from") == "b1_sprint_rms_rope_qknorm_valres"
     assert inherited_meta("b1_srdit_nfe50", registry, "train_from") == trained
     assert inherited_meta("b1_srdit_swiglu", registry, "train_from") is None
+
+
+def test_packaged_registry_is_the_config_registry_and_fits_the_schema():
+    """srdit/presets/ablations.yaml (what the package loads) is config/ablations.yaml (a symlink in
+    the repository): the same bytes. Every entry passes the workflow's registry schema."""
+    import jsonschema
+    import yaml
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    packaged, config = repo / "srdit/presets/ablations.yaml", repo / "config/ablations.yaml"
+    assert packaged.read_bytes() == config.read_bytes()
+    schema = yaml.safe_load((repo / "workflow/schemas/ablations.schema.yaml").read_text())
+    for name, entry in load_registry().items():
+        jsonschema.validate(entry, schema)
+
+
+def test_guidance_rows_follow_the_original():
+    """recipe 5.5: the first guided rows ran before class-token guidance (cls_cfg_scale 1.0, the
+    original eval.sh's value: the class token keeps its conditional velocity); every guidance
+    row carries the logged KDD standard deviation; no registry row guides with a scale below 1."""
+    from srdit.config import inherited_meta
+
+    registry = load_registry()
+    guided = {n: get_config(n) for n in registry if inherited_meta(n, registry, "group") == "guidance"}
+    assert len(guided) == 9
+    for name in ("b1_valres_cfg1.5_autoguidance", "b1_valres_cfg1.5_normal", "b1_valres_cfg1.5_pathdrop"):
+        s = guided[name].sample
+        assert (s.cfg_scale, s.cls_cfg_scale) == (1.5, 1.0), name
+    branches = {n: (guided[n].sample.path_drop_guidance, guided[n].sample.null_label_guidance) for n in guided}
+    assert branches["b1_valres_cfg1.5_autoguidance"] == (True, False)
+    assert branches["b1_valres_cfg1.5_normal"] == (False, True)
+    assert branches["b1_valres_cfg1.5_pathdrop"] == (True, True)
+    assert guided["b1_valres_cfg1.5_cls1.5"].sample.cls_cfg_scale == 1.5
+    for name in guided:
+        assert 0 < registry[name]["paper"]["kdd_std"] < registry[name]["paper"]["kdd"], name
+    assert all(get_config(n).sample.cfg_scale >= 1 for n in list_presets())
+
+
+def test_progressive_xl_rows_use_uniform_t():
+    """REG branch lightning-progressive: the logit-normal run's switch (8f248d6) was undone in
+    492fbb5, before the SwiGLU / RMSNorm / RoPE runs; only xl1_logitnormal uses logit-normal t."""
+    for name in ("xl1_swiglu", "xl1_swiglu_rms", "xl1_swiglu_rms_rope"):
+        assert get_config(name).objective.t_dist == "uniform", name
+    assert get_config("xl1_logitnormal").objective.t_dist == "logit_normal"

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from srdit.cli import main as cli_main
-from srdit.data.cache import CacheError, CacheMismatchError, ShardedArrays, open_cache, shard_path, split_range
+from srdit.data.cache import (FORMAT_VERSION, LATENTS, CacheError, CacheMismatchError, ShardedArrays, ShardWriter,
+                              open_cache, shard_path, split_range)
 from srdit.data.crop import adm_center_crop
 from srdit.data.dataset import EpochBatchSampler, TrainDataset, make_train_loader
 from srdit.data.demo import CLASSES, CORRUPT_FILE, NON_IMAGE_FILE, write_demo_tree
@@ -172,6 +173,67 @@ def test_sharded_encode_equals_unsharded(images, cache, tokenizer, teacher, tmp_
     assert len(open_cache(sharded, "latents").shard_files) == 6
 
 
+def test_overlapped_encode_equals_serial(images, cache, tokenizer, teacher, tmp_path):
+    """Reader and writer threads change when things happen, not what is written: same bits."""
+    serial = encode_all(images, tmp_path, tokenizer, teacher, num_shards=1, moments=True, overlap=False)
+    with h5py.File(cache, "r") as a, h5py.File(serial, "r") as b:   # `cache` was encoded overlapped
+        assert a.attrs["checksum"] == b.attrs["checksum"]
+    overlapped, plain = read_all(cache), read_all(serial)
+    assert overlapped.keys() == plain.keys()
+    for name in plain:
+        assert np.array_equal(overlapped[name], plain[name]), name
+    # the writer thread hands on what it raises (here: a killed job), serial or overlapped alike
+    for overlap in (True, False):
+        rows = []
+
+        def kill(written):
+            rows.append(written)
+            raise Killed
+
+        with pytest.raises(Killed):
+            encode_shard(images, tmp_path / f"killed{overlap}.h5", tokenizer, teacher, batch_size=BATCH,
+                         after_batch=kill, overlap=overlap)
+        assert rows == [BATCH] and not (tmp_path / f"killed{overlap}.h5").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_tokenizer_runs_in_float32_and_teacher_under_bf16_autocast(images, tokenizer, teacher, device, tmp_path):
+    """The reference encodes latents in float32 and computes teacher features under bf16
+    autocast. Forward hooks on the real (random, tiny) networks record what their first layers
+    see. On the CPU the teacher's autocast is switched on as on a GPU (`teacher_autocast=True`),
+    and the whole encode runs inside a caller's bf16 autocast, which must not reach the tokenizer."""
+    seen = {"tokenizer": [], "teacher": []}
+
+    def record(part):
+        def hook(module, inputs, output):
+            seen[part].append((torch.is_autocast_enabled(output.device.type), output.dtype))
+        return hook
+
+    first = lambda net: next(m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    handles = [first(tokenizer).register_forward_hook(record("tokenizer")),
+               first(teacher).register_forward_hook(record("teacher"))]
+    outer = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cpu")
+    try:
+        with outer:
+            out = encode_shard(images, tmp_path / "shard.h5", tokenizer, teacher, batch_size=BATCH, device=device,
+                               moments=True, teacher_autocast=True if device == "cpu" else None)
+    finally:
+        for h in handles:
+            h.remove()
+        tokenizer.to("cpu"), teacher.to("cpu")
+    assert seen["tokenizer"] and set(seen["tokenizer"]) == {(False, torch.float32)}
+    assert seen["teacher"] and set(seen["teacher"]) == {(True, torch.bfloat16)}
+    with h5py.File(out, "r") as f:
+        assert f.attrs["precision"] == "fp32+teacher-bf16"
+    if device == "cpu":                  # float32 latents: the moments match a plain float32 forward pass
+        with h5py.File(images, "r") as f, torch.no_grad():
+            mean, std = tokenizer.posterior(torch.from_numpy(f["images"][:BATCH]))
+        with h5py.File(out, "r") as f:
+            assert np.array_equal(f["latent_mean"][:BATCH], mean.numpy())
+            assert np.array_equal(f["latent_std"][:BATCH], std.numpy())
+
+
 def test_reads_without_memory_map_match(cache):
     index = open_cache(cache, "latents")
     mapped, plain = ShardedArrays(index), ShardedArrays(index)
@@ -287,10 +349,9 @@ def test_sampler_splits_each_global_batch_across_ranks():
     ranks = [EpochBatchSampler(20, micro_batch=3, rank=r, world_size=2, seed=1) for r in range(2)]
     assert ranks[0].batches_per_epoch == 3
     streams = [list(itertools.islice(iter(s), 6)) for s in ranks]
-    for k in range(3):                               # epoch 0: disjoint, sorted, together the global batch
+    for k in range(3):          # epoch 0: the global batch's slices, in the permutation's order (not sorted)
         a, b = streams[0][k], streams[1][k]
-        assert not set(a) & set(b) and list(a) == sorted(a)
-        assert sorted([*a, *b]) == sorted(ranks[0].permutation(0)[k * 6:(k + 1) * 6])
+        assert np.array_equal(np.concatenate([a, b]), ranks[0].permutation(0)[k * 6:(k + 1) * 6])
     later = EpochBatchSampler(20, micro_batch=3, rank=1, world_size=2, seed=1, position=4)
     assert np.array_equal(next(iter(later)), streams[1][4])
     with pytest.raises(ValueError, match="fewer than one global batch"):
@@ -302,6 +363,115 @@ def test_loader_reads_images_when_no_teacher_features(images, tokenizer, tmp_pat
     loader = make_train_loader(cache, micro_batch=4, num_workers=0, expect=dict(teacher="dinov2_vitb14"))
     batch = next(iter(loader))
     assert "teacher_cls" not in batch and batch["image"].shape == (4, 3, RES, RES)
+    index = batch["index"].numpy()
+    assert not np.array_equal(index, np.sort(index))       # handed over in the random order ...
     with h5py.File(images, "r") as f:
-        expected = f["images"][np.sort(batch["index"].numpy())]
+        expected = f["images"][:][index]                    # ... each image at its index's position
     assert torch.equal(batch["image"], torch.from_numpy(expected).permute(0, 3, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# CFM negatives: the micro-batch reaches the loss in random order
+# --------------------------------------------------------------------------------------------
+
+CLASSES_K, PER_K = 100, 20          # 2000 rows written in class order, as `prepare` writes ImageNet
+
+
+def write_class_ordered_cache(folder, shards=2):
+    """A latent cache whose rows are in class order (row i has label i // PER_K). Every array
+    holds its row's index, so a batch shows which row landed where."""
+    rows = CLASSES_K * PER_K
+    ident = dict(kind=LATENTS, format=FORMAT_VERSION, tokenizer="e2e-invae", tokenizer_settings={},
+                 tokenizer_random=True, latent_shape=[1, 1, 1], resolution=16, teacher="dinov2_vits14",
+                 teacher_random=True, teacher_dim=2, teacher_tokens=1, noise_seed=0, batch_size=rows // shards,
+                 precision="fp32", moments=False, images_file="none", images_checksum="none", images_rows=rows,
+                 num_classes=CLASSES_K, class_names=[f"n{c:08d}" for c in range(CLASSES_K)])
+    datasets = {"latents": ((1, 1, 1), np.float32), "labels": ((), np.int64),
+                "teacher_cls": ((2,), np.float16), "teacher_tokens": ((1, 2), np.float16)}
+    paths = []
+    for shard in range(shards):
+        start, stop = split_range(rows, shard, shards)
+        r = np.arange(start, stop)
+        with ShardWriter(shard_path(folder, shard), datasets, dict(ident, row_start=start, row_stop=stop),
+                         capacity=stop - start) as w:
+            w.append(latents=r.astype(np.float32).reshape(-1, 1, 1, 1), labels=r // PER_K,
+                     teacher_cls=np.stack([r, -r], 1).astype(np.float16),       # exact: |r| < 2048
+                     teacher_tokens=np.stack([-r, r], 1).astype(np.float16)[:, None])
+            paths.append(w.finish())
+    return join_latents(paths, folder / "cache.h5")
+
+
+@pytest.fixture(scope="module")
+def class_ordered(tmp_path_factory):
+    return write_class_ordered_cache(tmp_path_factory.mktemp("class_ordered"))
+
+
+def random_pair_stats(labels: np.ndarray) -> tuple[float, float, float, int]:
+    """For a pair of distinct rows drawn at random: P(same class), and the mean, standard
+    deviation and median of the class gap |y_a - y_b| (exact, from the class counts)."""
+    counts = np.bincount(labels).astype(np.float64)
+    n = counts.sum()
+    gap = np.abs(np.arange(len(counts))[:, None] - np.arange(len(counts))[None, :])
+    pairs = np.outer(counts, counts) - np.diag(counts)         # ordered pairs of distinct rows per class pair
+    p = pairs / (n * (n - 1))
+    mean = float((p * gap).sum())
+    cdf = np.cumsum(np.bincount(gap.ravel(), weights=p.ravel()))
+    return (float(p.diagonal().sum()), mean, float(np.sqrt((p * gap ** 2).sum() - mean ** 2)),
+            int(np.searchsorted(cdf, 0.5)))
+
+
+def test_cfm_negatives_are_random_pairs_on_a_class_ordered_cache(class_ordered):
+    """CFM's negative is torch.roll(batch, 1): on a cache written in class order, the rolled
+    partner's class must be as random as with a shuffled DataLoader. Micro-batches sorted by row
+    (the old loader) pair neighbouring classes: here same-class 0.136 instead of 0.0095, class
+    gap mean 5.9 and median 2 instead of 33.5 and 29."""
+    world, micro, epochs = 2, 32, 2
+    loaders = [make_train_loader(class_ordered, micro_batch=micro, rank=r, world_size=world, seed=3, num_workers=2)
+               for r in range(world)]
+    per_epoch = loaders[0].batches_per_epoch                    # 2000 // 64 = 31
+    batches = [list(itertools.islice(loader, epochs * per_epoch)) for loader in loaders]
+    labels = np.arange(CLASSES_K * PER_K) // PER_K
+    y = torch.stack([b["label"] for rank in batches for b in rank])    # (micro-batches, B): what the loss sees
+    partner = torch.roll(y, 1, dims=1)                         # srdit.transport: torch.roll(v, 1, dims=0)
+    same, gap = (y == partner).double(), (y - partner).abs().double()
+    n = same.numel()                                           # 124 micro-batches x 32 = 3968 pairs
+    p_same, mean_gap, sd_gap, median_gap = random_pair_stats(labels)       # 0.0095, 33.5, 23.6, 29
+    print(f"same-class {same.mean().item():.4f} (random {p_same:.4f}), gap mean {gap.mean().item():.2f} "
+          f"(random {mean_gap:.2f}), median {gap.median().item():.0f} (random {median_gap})")
+    # a fixed seed, so deterministic; about 4 standard errors of a random pairing either way
+    assert abs(same.mean().item() - p_same) <= 4 * np.sqrt(p_same * (1 - p_same) / n)
+    assert abs(gap.mean().item() - mean_gap) <= 4 * sd_gap / np.sqrt(n)
+    assert abs(gap.median().item() - median_gap) <= 3
+    # and the pairing is as random at every position of the micro-batch (the wrap-around included)
+    first, rest = gap[:, 0].mean().item(), gap[:, 1:].mean().item()
+    assert abs(first - rest) <= 4 * sd_gap * np.sqrt(1 / len(y) + 1 / (n - len(y)))
+
+    for r in range(world):
+        sampler = EpochBatchSampler(CLASSES_K * PER_K, micro, r, world, seed=3)
+        for k, batch in enumerate(batches[r]):
+            index = batch["index"].numpy()
+            epoch, j = divmod(k, per_epoch)
+            lo = j * micro * world + r * micro
+            assert np.array_equal(index, sampler.permutation(epoch)[lo:lo + micro])    # the permutation's order
+            # every array is in the index's order (each row's values were its index)
+            assert np.array_equal(batch["latent"].reshape(-1).numpy(), index.astype(np.float32))
+            assert np.array_equal(batch["label"].numpy(), labels[index])
+            assert np.array_equal(batch["teacher_cls"].numpy(), np.stack([index, -index], 1).astype(np.float32))
+            tokens = np.stack([-index, index], 1).astype(np.float32)
+            assert np.array_equal(batch["teacher_tokens"][:, 0].numpy(), tokens)
+
+
+def test_random_order_resumes_exactly(class_ordered):
+    """The order inside each micro-batch after a resume is the uninterrupted run's."""
+    for rank in range(2):
+        whole = make_train_loader(class_ordered, micro_batch=32, rank=rank, world_size=2, seed=5, num_workers=3)
+        uninterrupted = [b["index"] for b in _take(whole, 70)]             # crosses two epoch boundaries
+        first = make_train_loader(class_ordered, micro_batch=32, rank=rank, world_size=2, seed=5, num_workers=2)
+        _take(first, 40)
+        resumed = make_train_loader(class_ordered, micro_batch=32, rank=rank, world_size=2, seed=5, num_workers=0)
+        resumed.load_state_dict(first.state_dict())
+        after = _take(resumed, 30)
+        for a, b in zip(uninterrupted[40:], after):
+            assert torch.equal(a, b["index"])
+            assert torch.equal(b["latent"].reshape(-1), b["index"].float())
+        assert not any(torch.equal(i, i.sort().values) for i in uninterrupted)     # never sorted

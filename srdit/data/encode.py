@@ -9,17 +9,32 @@ One posterior sample per image, `mean + std * noise`, with the noise drawn from 
 seeded by (seed, global image index): reruns, resumed jobs and any sharding store the same
 latent for the same image. Shards are cut at multiples of the batch size, so every batch holds
 the same images however the work is split. The teacher stores the last layer's normalised
-CLS and patch tokens (float16) at 14 x (resolution / 16) px. On a GPU the networks run under
-bf16 autocast (as the reference does); on the CPU in float32. The precision is part of what a
-shard records, and shards of different precision do not join.
+CLS and patch tokens (float16) at 14 x (resolution / 16) px.
+
+Precision, as the reference: the tokenizer always runs in float32, never under autocast (the
+reference's preprocessing, `dataset_tools.py encode` with `encoders.py`, encodes in float32
+with PyTorch's default TF32 settings, which this leaves as they are). The teacher runs under
+bf16 autocast on a GPU, as the reference's training loop computes its features inside
+`accelerator.autocast()` with bf16 mixed precision; on the CPU in float32. The precision is
+part of what a shard records ("fp32", or "fp32+teacher-bf16"), and shards of different
+precision do not join; a shard from before this rule ("bf16": the tokenizer under autocast)
+is refused, to be re-encoded.
+
+Reading, computing and writing overlap: a reader thread reads the images and draws the noise
+`PREFETCH` batches ahead, the calling thread runs the networks, and a writer thread waits for
+each batch's copy back from the GPU and appends it to the shard (hashing it on the way), at most
+`PREFETCH` batches behind. The batches, their contents and their order are those of the serial
+loop (`overlap=False`), so the shard is the same bit for bit either way.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,6 +51,7 @@ COMMON_KEYS = ("kind", "format", "tokenizer", "tokenizer_settings", "tokenizer_r
                "resolution", "teacher", "teacher_random", "teacher_dim", "teacher_tokens", "noise_seed",
                "batch_size", "precision", "moments", "images_file", "images_checksum", "images_rows",
                "num_classes", "class_names")
+PREFETCH = 2        # batches read ahead of the networks, and written behind them, when overlapping
 
 
 def noise_for(indices: np.ndarray, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -52,11 +68,16 @@ def noise_for(indices: np.ndarray, shape: tuple[int, ...], seed: int) -> torch.T
 
 def encode_shard(images: str | Path, out: str | Path, tokenizer, teacher=None, shard: int = 0, num_shards: int = 1,
                  batch_size: int = 64, seed: int = 0, moments: bool = False, device: str | torch.device = "cpu",
-                 after_batch: Callable[[int], None] | None = None) -> Path:
+                 after_batch: Callable[[int], None] | None = None, overlap: bool = True,
+                 teacher_autocast: bool | None = None) -> Path:
     """Encode rows of the joined image cache `images` into the latent shard file `out`.
 
-    `after_batch(rows_written)` is called after every written batch (progress hooks; tests use
-    it to simulate a job killed mid-shard).
+    `after_batch(rows_written)` is called after every written batch, in the writer thread when
+    overlapping (progress hooks; tests use it to simulate a job killed mid-shard: an exception
+    it raises stops the encode and leaves no finished shard). `overlap=False` reads, encodes and
+    writes one batch after the other in the calling thread. `teacher_autocast`: run the teacher
+    under bf16 autocast (default: on CUDA only; tests turn it on for the CPU). The tokenizer runs
+    in float32 whatever this says.
     """
     out, device = Path(out), torch.device(device)
     image_index = open_cache(images, IMAGES)
@@ -64,15 +85,17 @@ def encode_shard(images: str | Path, out: str | Path, tokenizer, teacher=None, s
     latent_shape = tokenizer.latent_shape(resolution)
     start, stop = split_range(image_index.rows, shard, num_shards, block=batch_size)
     gpu = device.type == "cuda"
+    teacher_bf16 = bool(teacher) and (gpu if teacher_autocast is None else teacher_autocast)
     identity = dict(
         kind=LATENTS, format=FORMAT_VERSION, tokenizer=tokenizer.name, tokenizer_settings=tokenizer.settings,
         tokenizer_random=tokenizer.random_weights, latent_shape=list(latent_shape), resolution=resolution,
         teacher=teacher.name if teacher else "none", teacher_random=bool(teacher and teacher.random_weights),
         teacher_dim=teacher.dim if teacher else 0, teacher_tokens=teacher.num_tokens if teacher else 0,
-        noise_seed=seed, batch_size=batch_size, precision="bf16" if gpu else "fp32", moments=moments,
-        images_file=os.path.relpath(image_index.path, out.parent), images_checksum=image_index.attrs["checksum"],
-        images_rows=image_index.rows, num_classes=image_index.attrs["num_classes"],
-        class_names=image_index.attrs["class_names"], row_start=start, row_stop=stop)
+        noise_seed=seed, batch_size=batch_size, precision="fp32+teacher-bf16" if teacher_bf16 else "fp32",
+        moments=moments, images_file=os.path.relpath(image_index.path, out.parent),
+        images_checksum=image_index.attrs["checksum"], images_rows=image_index.rows,
+        num_classes=image_index.attrs["num_classes"], class_names=image_index.attrs["class_names"],
+        row_start=start, row_stop=stop)
     if finished_shard(out, identity):
         print(f"{out}: already complete, skipped")
         return out
@@ -90,28 +113,106 @@ def encode_shard(images: str | Path, out: str | Path, tokenizer, teacher=None, s
     if teacher:
         teacher.to(device)
     reader = ShardedArrays(image_index)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
-    with ShardWriter(out, datasets, identity, capacity=stop - start) as writer, torch.no_grad():
-        for begin in tqdm(range(start, stop, batch_size), desc=out.name, unit="batch"):
-            rows = np.arange(begin, min(stop, begin + batch_size))
-            pixels = torch.from_numpy(reader.read("images", rows)).to(device)
-            noise = noise_for(rows, latent_shape, seed).to(device)
-            arrays = {"labels": reader.read("labels", rows)}
-            with autocast:
-                mean, std = tokenizer.posterior(pixels)
-                arrays["latents"] = (mean + std * noise).cpu().numpy()
-                if moments:
-                    arrays.update(latent_mean=mean.cpu().numpy(), latent_std=std.cpu().numpy())
-                if teacher:
-                    cls, tokens = teacher.features(pixels)
-                    arrays.update(teacher_cls=cls.half().cpu().numpy(), teacher_tokens=tokens.half().cpu().numpy())
-            writer.append(**arrays)
-            if after_batch:
-                after_batch(writer.rows)
+
+    def read(begin: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]:
+        """Everything a batch needs that is not a network: its pixels, noise and labels."""
+        rows = np.arange(begin, min(stop, begin + batch_size))
+        pixels, noise = torch.from_numpy(reader.read("images", rows)), noise_for(rows, latent_shape, seed)
+        if gpu:                                     # page-locked: the copies to the GPU run asynchronously
+            pixels, noise = pixels.pin_memory(), noise.pin_memory()
+        return rows, pixels, noise, reader.read("labels", rows)
+
+    def encode(pixels: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The networks on one batch; the results on the CPU (copies still in flight on a GPU)."""
+        pixels, noise = pixels.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=False):            # float32, even inside a caller's autocast
+            mean, std = tokenizer.posterior(pixels)
+            results = {"latents": mean + std * noise}
+            if moments:
+                results.update(latent_mean=mean, latent_std=std)
+        if teacher:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=teacher_bf16):
+                cls, tokens = teacher.features(pixels)
+            results.update(teacher_cls=cls.half(), teacher_tokens=tokens.half())
+        # to the CPU: asynchronous into pinned memory on a GPU (the writer waits for it), a no-op on the CPU
+        return {k: v.to("cpu", non_blocking=gpu) for k, v in results.items()}
+
+    def write(results: dict[str, torch.Tensor], labels: np.ndarray, copied: Any) -> None:
+        if copied is not None:
+            copied.synchronize()                    # the batch's copies back from the GPU have landed
+        writer.append(labels=labels, **{k: v.numpy() for k, v in results.items()})
+        if after_batch:
+            after_batch(writer.rows)
+
+    begins = list(range(start, stop, batch_size))
+    with ShardWriter(out, datasets, identity, capacity=stop - start) as writer, torch.no_grad(), \
+            _Pipeline(overlap) as pipe:
+        reads = deque(pipe.read(read, b) for b in begins[:PREFETCH + 1])
+        writes: deque[Future] = deque()
+        for i in tqdm(range(len(begins)), desc=out.name, unit="batch"):
+            rows, pixels, noise, labels = reads.popleft().result()
+            if i + PREFETCH + 1 < len(begins):
+                reads.append(pipe.read(read, begins[i + PREFETCH + 1]))
+            results = encode(pixels, noise)
+            copied = None
+            if gpu:
+                copied = torch.cuda.Event()
+                copied.record()
+            writes.append(pipe.write(write, results, labels, copied))
+            while len(writes) > PREFETCH or (writes and writes[0].done()):
+                writes.popleft().result()           # bounds the memory held; raises what the writer raised
+        while writes:
+            writes.popleft().result()
         writer.finish()
     reader.close()
     print(f"{out}: rows {start}..{stop - 1} encoded ({tokenizer.name}, teacher {identity['teacher']})")
     return out
+
+
+class _Pipeline:
+    """One reader and one writer thread (each keeps its batches in order), or, with overlap off,
+    the same calls run at once in the calling thread. After a write fails, the writes queued
+    behind it do nothing (they fail too; the caller sees the first failure first). Leaving it
+    waits for both threads, so nothing touches the shard after its writer is closed."""
+
+    def __init__(self, overlap: bool):
+        self.overlap = overlap
+        self._pools: list[ThreadPoolExecutor] = []
+        self._write_failed = False
+
+    def __enter__(self) -> "_Pipeline":
+        if self.overlap:
+            self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"srdit-encode-{n}") for n in ("read", "write")]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def read(self, fn, *args) -> Future:
+        return self._pools[0].submit(fn, *args) if self.overlap else _done(fn, *args)
+
+    def write(self, fn, *args) -> Future:
+        return self._pools[1].submit(self._write, fn, *args) if self.overlap else _done(fn, *args)
+
+    def _write(self, fn, *args):
+        if self._write_failed:
+            raise RuntimeError("not written: an earlier batch's write failed")
+        try:
+            return fn(*args)
+        except BaseException:
+            self._write_failed = True
+            raise
+
+
+def _done(fn, *args) -> Future:
+    """Run `fn` now; its result (or exception) in a finished Future."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:                      # noqa: BLE001 - handed on through .result()
+        future.set_exception(e)
+    return future
 
 
 def join_latents(shards: list[Path], out: str | Path) -> Path:
@@ -155,7 +256,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="with --shard: the shard file (or a folder for shardNNNNN.h5); with --join: the "
                              "joined file (or a folder for cache.h5); otherwise the cache folder")
-    parser.add_argument("--tokenizer", default="e2e-invae", choices=["e2e-invae", "sd-vae"])
+    parser.add_argument("--tokenizer", default="e2e-invae", choices=["e2e-invae", "sd-vae", "pixel"])
     parser.add_argument("--teacher", default="dinov2_vitb14",
                         choices=["dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14", "none"],
                         help="teacher whose CLS + patch tokens are cached (none: no features)")
