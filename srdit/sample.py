@@ -1,6 +1,6 @@
 """Samplers: the paper's Euler-Maruyama SDE, a Heun ODE, classifier-free guidance, labels, tags.
 
-Time runs from t = 1 (noise) to t = 0 (data) on the grid of `time_grid` (recipe.md 3.1):
+Time runs from t = 1 (noise) to t = 0 (data) on the grid of `time_grid` (docs/recipe.md 3.1):
 linspace(1, 0.04, N) in float64 with a final 0 appended, optionally time-shifted.
 
 SDE (the paper's sampler). With the linear path the score is s = -((1 - t) v + x) / t, the
@@ -13,13 +13,14 @@ step except the last one (to t = 0), 2N - 1 evaluations.
 The REG class token is co-evolved with the image (same update, its own noise, the model's class
 velocity) and dropped at the end. State is float64; the model runs in float32.
 
-Guidance (recipe 3.2): only when cfg_scale != 1 and guidance_low <= t_cur <= guidance_high. The
+Guidance (recipe 3.2): only when cfg_scale > 1 and guidance_low <= t_cur <= guidance_high. The
 unconditional branch uses the null label (`null_label_guidance`) and/or SPRINT path drop
 (`path_drop_guidance`, the model's `uncond=True`). The drift is affine in v with the same
 coefficients for both branches, so guiding the velocities equals guiding the drifts:
     v = v_u + w (v_c - v_u);  v_cls = v_cls_u + w_cls (v_cls_c - v_cls_u), or v_cls_c when w_cls <= 0.
-The reference sampler skips guidance for any cfg_scale <= 1; here a scale below 1 is honoured
-(0 = unconditional), which the paper never uses.
+The reference sampler guides only when cfg_scale > 1, so a scale below 1 samples unguided there;
+here it is refused (`check_guidance_scale`, a ConfigError naming sample.cfg_scale) rather than
+silently ignored.
 
 Reproducibility: every random number of sample i is a function of (seed, i, draw k, element)
 only (`CounterNoise`: a counter-based hash, computed for the whole batch in a few elementwise
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from srdit.config import SampleConfig
+from srdit.config import ConfigError, SampleConfig
 from srdit.transport import _unwrap, shift_factor, time_shift
 
 GRID_LAST_STOCHASTIC_T = 0.04   # the last grid point before the final deterministic step to 0
@@ -226,9 +227,17 @@ def heun_ode(velocity_fn: VelocityFn, x: Tensor, cls: Tensor | None, grid: Tenso
 # The model as a (guided) velocity function
 # --------------------------------------------------------------------------------------------
 
+def check_guidance_scale(sample_cfg: SampleConfig) -> None:
+    """Refuse cfg_scale < 1: the reference guides only above 1 and would sample those unguided."""
+    if sample_cfg.cfg_scale < 1.0:
+        raise ConfigError(f"sample.cfg_scale: {sample_cfg.cfg_scale} is below 1; the reference sampler guides only "
+                          f"when cfg_scale > 1 (a scale <= 1 samples unguided there). Use 1.0 for no guidance, "
+                          f"or a scale above 1")
+
+
 def guidance_active(sample_cfg: SampleConfig, t: float) -> bool:
     s = sample_cfg
-    return s.cfg_scale != 1.0 and s.guidance_low <= t <= s.guidance_high
+    return s.cfg_scale > 1.0 and s.guidance_low <= t <= s.guidance_high
 
 
 def model_num_classes(model) -> int:
@@ -245,7 +254,8 @@ def model_num_classes(model) -> int:
 def guided_velocity_fn(model, y: Tensor, sample_cfg: SampleConfig, null_label: int | None) -> VelocityFn:
     """Wrap `model.forward_velocity` as a float64 velocity function with CFG on `sample_cfg`."""
     s = sample_cfg
-    guided = s.cfg_scale != 1.0
+    check_guidance_scale(s)
+    guided = s.cfg_scale > 1.0
     if guided and s.null_label_guidance and null_label is None:
         raise ValueError("guided_velocity_fn: null-label guidance needs null_label (the model's num_classes)")
     y_uncond = torch.full_like(y, null_label) if guided and s.null_label_guidance else y
@@ -298,9 +308,10 @@ def generate_latents(model, indices, labels, sample_cfg: SampleConfig, latent_sh
                          "label dropout); call model.eval() first")
     if s.mode not in ("sde", "ode"):
         raise ValueError(f"sample.mode: unknown {s.mode!r}; allowed: sde, ode")
-    guided = s.cfg_scale != 1.0
+    check_guidance_scale(s)
+    guided = s.cfg_scale > 1.0
     if guided and not (s.null_label_guidance or s.path_drop_guidance):
-        raise ValueError("sample.cfg_scale != 1 needs an unconditional branch: set sample.null_label_guidance "
+        raise ValueError("sample.cfg_scale > 1 needs an unconditional branch: set sample.null_label_guidance "
                          "and/or sample.path_drop_guidance to true (or cfg_scale to 1.0)")
     null_label = model_num_classes(model) if guided and s.null_label_guidance else None
     latent_shape = tuple(int(d) for d in latent_shape)

@@ -18,16 +18,15 @@ from srdit.sample import (PerSampleNoise, euler_maruyama, generate_latents, guid
                           time_grid)
 from srdit.transport import shift_factor
 
+from golden import fixture_dirs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _fixture_grid_files() -> list[Path]:
     """Every time_grid.safetensors of the reference fixture folders: those named in
-    $SRDIT_REFERENCE_FIXTURES (os.pathsep-separated folders), else all under ../shared/fixtures."""
-    env = os.environ.get("SRDIT_REFERENCE_FIXTURES")
-    if env:
-        return [Path(d) / "time_grid.safetensors" for d in env.split(os.pathsep) if d]
-    return sorted((REPO.parent / "shared" / "fixtures").glob("*/time_grid.safetensors"))
+    $SRDIT_REFERENCE_FIXTURES (os.pathsep-separated folders), else tests/fixtures/reference."""
+    return [d / "time_grid.safetensors" for d in fixture_dirs("reference", "SRDIT_REFERENCE_FIXTURES")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +217,25 @@ def test_guidance_combination_and_class_scale():
         cfg = SampleConfig(cfg_scale=2.0, path_drop_guidance=pdg, null_label_guidance=null)
         guided_velocity_fn(model, y, cfg, null_label=10)(x, c, 0.5)
         assert model.calls == [(0.5, [1, 2], False), (0.5, labels, uncond)]
+
+
+def test_guidance_scale_below_one_is_refused_and_never_guides():
+    """The reference guides only when cfg_scale > 1 (a scale <= 1 samples unguided there): a
+    scale below 1 is refused with the key named, not honoured as a different sampler."""
+    from srdit.config import ConfigError
+    from srdit.sample import guidance_active
+
+    model = RecordingModel().eval()
+    y = torch.tensor([1, 2])
+    for scale in (0.0, 0.5, 0.999):
+        cfg = SampleConfig(cfg_scale=scale, num_steps=3, batch_size=2, num_samples=2)
+        with pytest.raises(ConfigError, match=r"sample\.cfg_scale: .* below 1"):
+            generate_latents(model, torch.arange(2), y, cfg, (1, 2, 2), 3, "cpu")
+        with pytest.raises(ConfigError, match=r"sample\.cfg_scale"):
+            guided_velocity_fn(model, y, cfg, null_label=10)
+        assert not guidance_active(cfg, 0.5)               # the reference's condition: never guides
+    assert not model.calls
+    assert not guidance_active(SampleConfig(cfg_scale=1.0), 0.5) and guidance_active(SampleConfig(cfg_scale=1.01), 0.5)
 
 
 @pytest.mark.parametrize("mode", ["sde", "ode"])
