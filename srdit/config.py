@@ -42,6 +42,11 @@ PATCH_SIZES = (1, 2, 4)
 
 # Width of each teacher's CLS / patch tokens: the REG class token and the REPA target are this wide.
 TEACHER_DIMS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024}
+TEACHER_PATCH_PIXELS = 16     # the teacher gives one patch token per 16 x 16 pixels (srdit.teachers)
+
+# Pixels per latent position along each side, per tokenizer (srdit.tokenizers): the latent side
+# model.input_size is data.resolution / this. "pixel" is the CPU demo's space-to-depth stand-in.
+TOKENIZER_DOWNSAMPLE = {"e2e-invae": 16, "sd-vae": 8, "pixel": 4}
 
 
 def model_size(name: str) -> dict[str, int]:
@@ -77,7 +82,7 @@ class ModelConfig:
     hidden_size: int = 768
     num_heads: int = 12
     patch_size: int = 1
-    input_size: int = 16            # latent side H = W (resolution / 16 for E2E-INVAE)
+    input_size: int = 16            # latent side H = W (resolution / 16 for E2E-INVAE, see TOKENIZER_DOWNSAMPLE)
     in_channels: int = 32           # latent channels C
     num_classes: int = 1000         # label K is the null class
     mlp_ratio: float = 4.0
@@ -122,7 +127,7 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     resolution: int = 256
-    tokenizer: Literal["e2e-invae", "sd-vae"] = "e2e-invae"
+    tokenizer: Literal["e2e-invae", "sd-vae", "pixel"] = "e2e-invae"
     latent_scale: float | None = None           # None = the tokenizer's default (0.3099 for E2E-INVAE)
     latent_bias: float = 0.0
     teacher: Literal["dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14"] = "dinov2_vitb14"
@@ -349,11 +354,20 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if TEACHER_DIMS[d.teacher] != m.cls_token_dim:
         _fail(f"model.cls_token_dim: {m.cls_token_dim} does not match data.teacher {d.teacher} "
               f"(width {TEACHER_DIMS[d.teacher]}); allowed: {TEACHER_DIMS[d.teacher]}")
-    if d.resolution % 16:
-        _fail(f"data.resolution: must be a multiple of 16 (f16 tokenizer), got {d.resolution}")
-    if d.resolution // 16 != m.input_size:
-        _fail(f"model.input_size: {m.input_size} does not match data.resolution {d.resolution} "
-              f"(the f16 tokenizer gives a latent side of {d.resolution // 16}); allowed: {d.resolution // 16}")
+    if d.resolution % TEACHER_PATCH_PIXELS:
+        _fail(f"data.resolution: must be a multiple of {TEACHER_PATCH_PIXELS} (the teacher's token grid), "
+              f"got {d.resolution}")
+    side = d.resolution // TOKENIZER_DOWNSAMPLE[d.tokenizer]
+    if side != m.input_size:
+        _fail(f"model.input_size: {m.input_size} does not match data.resolution {d.resolution} (the "
+              f"{d.tokenizer} tokenizer, f{TOKENIZER_DOWNSAMPLE[d.tokenizer]}, gives a latent side of {side}); "
+              f"allowed: {side}")
+    teacher_grid = d.resolution // TEACHER_PATCH_PIXELS
+    if m.align_depths and m.grid_size != teacher_grid:
+        _fail(f"model.align_depths: REPA aligns each of the model's {m.grid_size}x{m.grid_size} tokens with a "
+              f"teacher token, but the teacher's grid at {d.resolution} px is {teacher_grid}x{teacher_grid}; "
+              f"set model.align_depths: [] and objective.proj_coeff: 0, or a patch size giving a "
+              f"{teacher_grid}x{teacher_grid} grid")
     pos("train.global_batch", t.global_batch)
     pos("train.micro_batch", t.micro_batch)
     if t.global_batch % t.micro_batch:
@@ -368,11 +382,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _fail("sample.num_steps: the SDE sampler needs at least 2 steps")
     if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
         _fail("sample.guidance_low/guidance_high: need 0 <= guidance_low <= guidance_high <= 1")
-    if s.cfg_scale != 1.0 and s.path_drop_guidance and not sp.enabled:
+    if s.cfg_scale < 1.0:
+        _fail(f"sample.cfg_scale: {s.cfg_scale} is below 1; allowed: 1.0 (no guidance) or a scale above 1 "
+              f"(the reference sampler guides only above 1)")
+    if s.cfg_scale > 1.0 and s.path_drop_guidance and not sp.enabled:
         _fail("sample.path_drop_guidance: true needs model.sprint.enabled (the unconditional branch drops "
               "SPRINT's sparse path); allowed with sprint disabled: false")
-    if s.cfg_scale != 1.0 and not (s.path_drop_guidance or s.null_label_guidance):
-        _fail("sample.null_label_guidance: guidance (cfg_scale != 1) needs an unconditional branch; set "
+    if s.cfg_scale > 1.0 and not (s.path_drop_guidance or s.null_label_guidance):
+        _fail("sample.null_label_guidance: guidance (cfg_scale > 1) needs an unconditional branch; set "
               "null_label_guidance and/or path_drop_guidance to true")
     pos("sample.num_samples", s.num_samples)
     pos("sample.batch_size", s.batch_size)

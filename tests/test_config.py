@@ -151,6 +151,13 @@ def test_guidance_needs_an_unconditional_branch():
                                                      "null_label_guidance": False}})
 
 
+def test_guidance_scale_below_one_is_refused_at_config_time():
+    # The reference guides only above 1; a scale below 1 would silently sample unguided there.
+    with pytest.raises(ConfigError, match=r"sample\.cfg_scale: 0\.5 is below 1"):
+        get_config("b1_srdit", overrides={"sample": {"cfg_scale": 0.5}})
+    assert get_config("b1_srdit", overrides={"sample": {"cfg_scale": 1.0}}).sample.cfg_scale == 1.0
+
+
 def test_evaluation_only_rows_share_runs_but_changed_children_train_their_own(tmp_path):
     from srdit.config import inherited_meta
 
