@@ -90,7 +90,7 @@ EXIT_REQUEUE = 75          # EX_TEMPFAIL: "try again"; the workflow and submitit
 EXIT_DIVERGED = 3
 
 # Latent normalisation when data.latent_scale is None: the tokenizer's own constant.
-DEFAULT_LATENT_SCALE = {"e2e-invae": 0.3099, "sd-vae": 0.18215}
+DEFAULT_LATENT_SCALE = {"e2e-invae": 0.3099, "sd-vae": 0.18215, "pixel": 1.0}
 
 # Config keys a later segment may change without starting a new run; anything else must match
 # the run's config.json (a different lr or model in the same directory would be a silent mix).
