@@ -38,7 +38,7 @@ from srdit import train as trainer                           # noqa: E402
 from srdit.config import get_config                          # noqa: E402
 from srdit.flops import mfu, peak_flops_per_device, train_flops_per_image   # noqa: E402
 
-REFERENCE_IMG_PER_S_PER_GPU = 10.5 * 256 / 8               # recipe.md 5.8 (8 x H100, DINOv2 online)
+REFERENCE_IMG_PER_S_PER_GPU = 10.5 * 256 / 8               # docs/recipe.md 5.8 (8 x H100, DINOv2 online)
 
 
 def write_cache(folder: Path, rows: int, latent_shape=(32, 16, 16), teacher_dim=768, tokens=256) -> Path:

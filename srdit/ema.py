@@ -1,7 +1,7 @@
 """Exponential moving average of the model weights, kept in fp32 outside DeepSpeed.
 
 ema <- decay * ema + (1 - decay) * theta after every optimizer step, no warm-up, starting as a
-copy of the initial weights (recipe.md 2.14). With ZeRO stage 1 or 2 the module's parameters
+copy of the initial weights (docs/recipe.md 2.14). With ZeRO stage 1 or 2 the module's parameters
 are whole and identical on every rank after the step (only the optimizer state and gradients
 are partitioned), so each rank can update its own EMA without communication; rank 0's copy is
 the one written to disk. The EMA covers the whole `state_dict` (parameters and buffers), so the

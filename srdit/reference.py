@@ -1,5 +1,6 @@
 """`srdit check-reference FOLDER`: compare our model and sampler grid with golden data recorded
-from the original SR-DiT code (format: fixtures/reference/README.md).
+from the original SR-DiT code (format: tests/fixtures/reference/README.md; the repository ships
+that set: `python -m srdit check-reference tests/fixtures/reference` from the repository root).
 
 Builds our model from FOLDER/config.json through the converter, loads FOLDER/model.safetensors,
 runs every FOLDER/case*.safetensors and compares each `out.*` tensor (max abs error; fails above
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +177,8 @@ def check_reference(folder: str | Path, float64: bool = False, device: str = "cp
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder / name} is missing; FOLDER must hold the reference fixture set "
-                                    f"(config.json, model.safetensors, case*.safetensors, time_grid.safetensors)")
+                                    f"(config.json, model.safetensors, case*.safetensors, time_grid.safetensors); "
+                                    f"the project's set is tests/fixtures/reference in the repository")
     dtype = torch.float64 if float64 else torch.float32
     tolerance = FLOAT64_TOLERANCE if float64 else FLOAT32_TOLERANCE
     _, model, original = load_reference_model(folder)
@@ -217,7 +220,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    checks = check_reference(args.folder, float64=args.float64, device=args.device)
+    try:
+        checks = check_reference(args.folder, float64=args.float64, device=args.device)
+    except FileNotFoundError as e:
+        print(f"srdit check-reference: {e}", file=sys.stderr)
+        return 2
     precision = "float64" if args.float64 else "float32"
     print(f"check-reference {args.folder} ({precision}, device {args.device})")
     print(format_checks(checks))

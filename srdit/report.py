@@ -2,7 +2,7 @@
 curves and sample grids, from the metrics JSON files the workflow's evaluate jobs wrote.
 
 Each evaluated checkpoint enters as one `--item NAME STEP METRICS_JSON GRID_PNG`; the registry
-gives the row its group, description and the paper's numbers (the `paper:` key, recipe.md
+gives the row its group, description and the paper's numbers (the `paper:` key, docs/recipe.md
 section 5). Points that sample the same training run with the same sampler settings (for example
 b1_srdit and its 50K/100K/200K checkpoints) form one curve of the FID-vs-step plot.
 """
@@ -123,7 +123,7 @@ def table_markdown(rows: list[Row], title: str, random_weights: bool) -> str:
     lines = [f"# {title}", ""]
     if random_weights or any(r.random_weights for r in rows):
         lines += [RANDOM_NOTE, ""]
-    lines += ["Each cell is ours, with the paper's number (recipe.md section 5) in parentheses where "
+    lines += ["Each cell is ours, with the paper's number (docs/recipe.md section 5) in parentheses where "
               "the paper reports this row at this step. Samplers are spelled out in `ablations.csv`.", ""]
     shown = [m for m in METRICS if m != "kdd_std"]
     for group in dict.fromkeys(r.group for r in rows):

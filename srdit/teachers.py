@@ -1,4 +1,4 @@
-"""DINOv2 teachers for REPA and REG (recipe.md 2.4), built with timm from the official weights.
+"""DINOv2 teachers for REPA and REG (docs/recipe.md 2.4), built with timm from the official weights.
 
 The reference loads DINOv2 through torch.hub, resamples its absolute position embedding once
 to the latent grid (16 x 16 at 256 px, 32 x 32 at 512 px) with timm's `resample_abs_pos_embed`

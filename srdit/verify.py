@@ -12,7 +12,7 @@
    guidance, time shift, balanced labels, 50,000 samples) through `srdit sample`'s shards: all
    shards in this process, or only `--shard I` of `--num-shards S` (a Slurm array), rerunnable.
 4. When every shard exists: merges, evaluates and prints our numbers next to the paper's
-   (FID 3.49, recipe.md 5.1 row 9), and writes OUT/verify.json.
+   (FID 3.49, docs/recipe.md 5.1 row 9), and writes OUT/verify.json.
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 """Tokenizers and teachers: E2E-INVAE against the golden fixtures of the original code, the
 official checkpoint layout and loader rules, SD-VAE through diffusers, the DINOv2 teacher.
 
-The E2E-INVAE fixtures (../shared/fixtures/invae beside the checkout, or $SRDIT_INVAE_FIXTURES) are read for
-every size: the small model's settings from config.json, shapes from the tensors, the official
-layout and parameter counts from keys.json, and every case*.safetensors file found.
+The E2E-INVAE fixtures (tests/fixtures/invae, recorded from the original code; or the folder
+$SRDIT_INVAE_FIXTURES names) are read for every size: the small model's settings from
+config.json, shapes from the tensors, the official layout and parameter counts from keys.json,
+and every case*.safetensors file found.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,19 +19,19 @@ from srdit.teachers import TeacherWeightsError, load_teacher
 from srdit.tokenizers import TokenizerWeightsError, images_to_input, load_tokenizer, output_to_uint8
 from srdit.tokenizers.invae import INVAE_F16D32, build_invae, invae_from_config, load_invae_weights
 
-# The fixtures sit in shared/ beside the checkout; $SRDIT_INVAE_FIXTURES points elsewhere.
-FIXTURES = Path(os.environ.get("SRDIT_INVAE_FIXTURES",
-                               Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "invae"))
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / "config.json").exists(),
-                                    reason=f"E2E-INVAE fixtures not found at {FIXTURES} (set SRDIT_INVAE_FIXTURES)")
-CASES = sorted(FIXTURES.glob("case*.safetensors")) if FIXTURES.exists() else []
+from golden import fixture_dir
 
-# float32 tolerances (README "Precision and tolerances"). The reference itself, run in float32,
-# differs from these float64-computed fixtures by <= 8.3e-6 on the encoder outputs and the
-# sample, <= 2.3e-5 on dec.out, <= 4.8e-6 relative on the intermediates; the thresholds leave
-# about 10x room for a different float32 summation order, yet the smallest structural mistake
-# measured there (GroupNorm eps 1e-5 instead of 1e-6) moves the encoder outputs by 2.5e-4
-# relative to values of magnitude ~2, i.e. ~5e-4 absolute, and every other mistake by >= 0.2.
+FIXTURES = fixture_dir("invae", "SRDIT_INVAE_FIXTURES")
+CASES = sorted(FIXTURES.glob("case*.safetensors"))
+assert CASES, f"{FIXTURES} holds no case*.safetensors"
+
+# float32 tolerances (tests/fixtures/invae/README.md, "Precision and tolerances"). The reference
+# itself, run in float32, differs from these float64-computed fixtures by <= 8.3e-6 on the
+# encoder outputs and the sample, <= 2.3e-5 on dec.out, <= 4.8e-6 relative on the
+# intermediates; the thresholds leave about 10x room for a different float32 summation order,
+# yet the smallest structural mistake measured there (GroupNorm eps 1e-5 instead of 1e-6)
+# moves the encoder outputs by 2.5e-4 relative to values of magnitude ~2, i.e. ~5e-4
+# absolute, and every other mistake by >= 0.2.
 TOL_ENCODE = 1e-4        # enc.*, latent.scaled, dec.z (absolute)
 TOL_DECODE = 2e-4        # dec.out (absolute)
 TOL_DEBUG = 5e-5         # dbg.*, relative to the tensor's max |value|
@@ -96,7 +96,6 @@ def _run_case(model, case: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # E2E-INVAE against the fixtures
 # --------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_small_model_matches_fixture_weights_exactly():
     from safetensors.torch import load_file
 
@@ -106,7 +105,6 @@ def test_small_model_matches_fixture_weights_exactly():
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in stored.items()}
 
 
-@needs_fixtures
 @pytest.mark.parametrize("case_file", CASES, ids=lambda p: p.stem)
 def test_invae_reproduces_fixture_case_float32(case_file):
     from safetensors.torch import load_file
@@ -143,7 +141,6 @@ def test_invae_reproduces_fixture_case_float32(case_file):
     assert diff.max().item() <= 1
 
 
-@needs_fixtures
 @pytest.mark.parametrize("case_file", CASES, ids=lambda p: p.stem)
 def test_invae_reproduces_fixture_case_float64_and_uint8_bitwise(case_file):
     """In float64 (as the fixtures were computed) the uint8 decode must match bit for bit:
@@ -171,7 +168,6 @@ def test_uint8_conversion_truncates_and_clamps():
     assert out[0, 0, :, 0].tolist() == [254, 0, 0, 255, 127]
 
 
-@needs_fixtures
 def test_full_size_model_has_the_official_keys_and_parameter_count():
     keys = json.loads((FIXTURES / "keys.json").read_text())
     # What load_tokenizer builds for e2e-invae-400k.pt, on the meta device: names and shapes, no memory.
@@ -203,7 +199,6 @@ class NotATensor:
         self.value = 1
 
 
-@needs_fixtures
 def test_invae_pt_loading_is_strict_and_safe(tmp_path):
     from safetensors.torch import load_file
 

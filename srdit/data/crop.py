@@ -1,4 +1,4 @@
-"""The ADM center crop (recipe.md section 6), used for ImageNet at 256 and 512 px.
+"""The ADM center crop (docs/recipe.md section 6), used for ImageNet at 256 and 512 px.
 
 Halve the image with a BOX filter while its short side is at least twice the target, resize
 bicubically so the short side equals the target (each side rounded), then cut the central

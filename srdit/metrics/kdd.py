@@ -1,4 +1,4 @@
-"""KDD: kernel distance on DINOv2 ViT-L/14 features, as dgm-eval's `kd` metric (recipe.md 4.3).
+"""KDD: kernel distance on DINOv2 ViT-L/14 features, as dgm-eval's `kd` metric (docs/recipe.md 4.3).
 
 Features: the normalised CLS token (1024-d) of DINOv2 ViT-L/14 (timm `vit_large_patch14_dinov2`
 built for 224 px, official weights `dinov2_vitl14_pretrain.pth`). Preprocessing as dgm-eval:

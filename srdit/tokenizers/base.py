@@ -3,7 +3,7 @@
 A tokenizer is a frozen KL autoencoder. The pipeline stores one *raw* posterior sample per
 image (mean + std * noise, unscaled); the diffusion model sees `latent * latent_scale +
 latent_bias`; sampling decodes `(z - latent_bias) / latent_scale` and converts to uint8 by
-truncation, as the reference evaluation does (recipe.md 2.2).
+truncation, as the reference evaluation does (docs/recipe.md 2.2).
 """
 from __future__ import annotations
 

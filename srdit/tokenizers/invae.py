@@ -1,11 +1,11 @@
-"""E2E-INVAE: the f16, 32-channel KL autoencoder SR-DiT trains on (recipe.md 2.2).
+"""E2E-INVAE: the f16, 32-channel KL autoencoder SR-DiT trains on (docs/recipe.md 2.2).
 
 Written from its architecture, an LDM-style AutoencoderKL: a convolutional encoder with
 ResNet blocks, GroupNorm(32, eps 1e-6) and swish, four stride-2 downsamples, single-head
 attention at the lowest level and in the middle block; a mirrored decoder with one more ResNet
 block per level and nearest-neighbour upsampling. Module and parameter names follow the
 official checkpoint `e2e-invae-400k.pt` exactly, so that file loads strictly as a flat
-state_dict (see /work/shared/fixtures/invae/README.md and keys.json).
+state_dict (see tests/fixtures/invae/README.md and keys.json).
 """
 from __future__ import annotations
 
