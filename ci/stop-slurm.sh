@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ci/stop-slurm.sh - cancel every job and stop the daemons ci/start-slurm.sh started, each by the
-# pid in its own pid file (never by name), in the order slurmd, slurmctld, slurmdbd, mariadbd,
-# munged. Safe to run when nothing is running.
+# pid in its own pid file (never by name), in the order slurmd (one per node: /run/slurmd-NAME.pid,
+# or /run/slurmd.pid from an older start script), slurmctld, slurmdbd, mariadbd, munged. Safe to
+# run when nothing is running.
 set -u
 say() { echo "[stop-slurm] $*" >&2; }
 stop() { # stop PIDFILE NAME
@@ -27,7 +28,9 @@ if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q UP; the
     for _ in $(seq 50); do [ -z "$(squeue -h -t R,CG,PD -o %i)" ] && break; sleep 0.2; done
   fi
 fi
-stop /run/slurmd.pid slurmd
+for pidfile in /run/slurmd.pid /run/slurmd-*.pid; do
+  [ -e "$pidfile" ] && stop "$pidfile" slurmd
+done
 stop /run/slurmctld.pid slurmctld
 stop /run/slurmdbd.pid slurmdbd
 stop /run/mysqld/mysqld.pid mariadbd

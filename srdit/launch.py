@@ -68,17 +68,17 @@ class JobResources:
     gpus: int = 0
     gpu_model: str | None = None
     gres: str | None = None         # a profile's `gres` (e.g. gpu:h100:8), passed as --gres
+    nodes: int | str = 1            # train: nodes per job (the profile's number or per-run expression)
     cpus: int = 2
     mem_mb: int = 8000
     minutes: int = 60
 
 
 def gres_gpus(gres: str | None) -> int:
-    """GPUs of a GRES request: gpu:8 and gpu:h100:8 -> 8, gpu -> 1, anything else -> 0."""
-    match = re.fullmatch(r"gpu(?::[A-Za-z0-9_.]+)?(?::(\d+))?", (gres or "").strip())
-    if not match:
-        return 0
-    return int(match.group(1) or 1)
+    """GPUs of a GRES request: gpu:8 and gpu:h100:8 -> 8, gpu -> 1, anything else -> 0
+    (srdit.distributed.requested_shape, which the workflow's launcher uses too)."""
+    from srdit.distributed import requested_shape
+    return requested_shape({"gres": gres})[1] or 0
 
 
 def profile_resources(stage: str, profile: Path | None) -> JobResources:
@@ -94,6 +94,7 @@ def profile_resources(stage: str, profile: Path | None) -> JobResources:
     res.gpus = int(values.get("gpu", 0) or 0)
     res.gpu_model = values.get("gpu_model") or None
     res.gres = values.get("gres") or None
+    res.nodes = values.get("nodes") or 1
     if not res.gpus and res.gres:
         res.gpus = gres_gpus(res.gres)
     res.cpus = int(values.get("cpus_per_task", res.cpus))
@@ -121,10 +122,11 @@ def sbatch_options(res: JobResources) -> dict[str, str]:
     return opts
 
 
-def stage_command(stage: str, args: list[str], gpus: int) -> list[str]:
+def stage_command(stage: str, args: list[str], gpus: int, nodes: int = 1) -> list[str]:
     """The command a job runs: the CLI stage with this interpreter, under
-    `python -m torch.distributed.run` (torchrun) when training on several GPUs."""
-    if stage == "train" and gpus > 1:
+    `python -m torch.distributed.run` (torchrun) when training on several GPUs of one node. On
+    several nodes every Slurm task (one per GPU) is a trainer of its own (srdit/distributed.py)."""
+    if stage == "train" and gpus > 1 and nodes == 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                 "--nproc-per-node", str(gpus), "-m", "srdit", stage, *args]
     return [sys.executable, "-m", "srdit", stage, *args]
@@ -243,8 +245,22 @@ def make_executor(stage: str, res: JobResources, cluster: str | None, folder: st
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues)
     params = dict(name=f"srdit-{stage}", timeout_min=res.minutes, nodes=1, tasks_per_node=1,
                   cpus_per_task=res.cpus)
+    multinode = isinstance(res.nodes, int) and res.nodes > 1
+    if multinode:
+        # one task per GPU on each node, each a trainer (SLURM_PROCID is its rank); the GPUs asked
+        # per node (the plugin's `gpu` is per job), the profile's CPUs and memory per node
+        from srdit.distributed import requested_shape
+
+        _, per_node, _ = requested_shape({"nodes": res.nodes, "gres": res.gres, "gpu": 0 if res.gres else res.gpus})
+        per_node = per_node or 1
+        params.update(nodes=res.nodes, tasks_per_node=per_node, cpus_per_task=max(1, res.cpus // per_node))
     if executor.cluster == "slurm":
         opts = sbatch_options(res)
+        if multinode:
+            opts.pop("gpus", None)
+            opts["gres"] = res.gres or f"gpu:{res.gpu_model + ':' if res.gpu_model else ''}{params['tasks_per_node']}"
+            # one failed or lost task ends them all (submitit's srun)
+            params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         params.update(slurm_signal_delay_s=signal_delay_s, slurm_array_parallelism=array_parallelism,
                       slurm_mem=opts["mem"])
         if res.partition:
@@ -293,15 +309,25 @@ def launch(stage: str, args: list[str], *, shards: int | None = None, cluster: s
     if stage == "train":
         args, what = resolve_train_args(args, configfiles)
         print(f"srdit launch: {what}", flush=True)
+        from srdit.distributed import site_nodes
+        res.nodes = site_nodes(res.nodes, args[0])          # the profile's per-run expression, for this run
+    else:
+        res.nodes = 1
     grace_s = max(10.0, signal_delay_s - 10.0)
     if dry_run:
         opts = " ".join(f"--{k}={v}" for k, v in sbatch_options(res).items())
+        if res.nodes > 1:
+            from srdit.distributed import requested_shape
+            per_node = requested_shape({"nodes": res.nodes, "gres": res.gres, "gpu": 0 if res.gres else res.gpus})[1]
+            opts = " ".join(f"--{k}={v}" for k, v in sbatch_options(res).items() if k not in ("gpus", "cpus-per-task"))
+            opts += (f" --nodes={res.nodes} --ntasks-per-node={per_node or 1} --cpus-per-task="
+                     f"{max(1, res.cpus // (per_node or 1))}") + ("" if res.gres else f" --gres=gpu:{per_node or 1}")
         print(f"srdit launch: sbatch {opts}" + (f" --array=0-{shards - 1}" if shards else ""), flush=True)
-        print("srdit launch: command " + shlex.join(stage_command(stage, args, res.gpus)), flush=True)
+        print("srdit launch: command " + shlex.join(stage_command(stage, args, res.gpus, res.nodes)), flush=True)
         return []
     executor = make_executor(stage, res, cluster, folder, max_requeues, array_parallelism, signal_delay_s)
     if shards is None:
-        return [executor.submit(StageCommand(stage_command(stage, args, res.gpus), grace_s))]
+        return [executor.submit(StageCommand(stage_command(stage, args, res.gpus, res.nodes), grace_s))]
     with executor.batch():       # one sbatch --array for all shards
         jobs = [executor.submit(StageCommand(stage_command(stage, [*args, "--shard", str(i), "--num-shards", str(shards)],
                                                            res.gpus), grace_s))
@@ -323,6 +349,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=None, help="GPUs per job (train: one node, one process per GPU)")
     parser.add_argument("--gpu-model", default=None, help="Slurm GRES type of the GPUs, e.g. h100")
     parser.add_argument("--gres", default=None, help="a GRES request instead of --gpus, e.g. gpu:h100:8")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="train: nodes per job (default: the profile's train_segment nodes), one task per GPU")
     parser.add_argument("--cpus", type=int, default=None, help="CPU cores per job")
     parser.add_argument("--mem-mb", type=int, default=None, help="memory per job, MB (sbatch --mem=<N>M)")
     parser.add_argument("--minutes", type=int, default=None, help="time limit per job")
@@ -372,7 +400,7 @@ def split_arguments(rest: list[str], base: argparse.Namespace | None = None) -> 
 def run(args) -> int:
     opts, stage_args = split_arguments(args.rest, args)
     overrides = dict(partition=opts.partition, account=opts.account, gpus=opts.gpus, gpu_model=opts.gpu_model,
-                     gres=opts.gres, cpus=opts.cpus, mem_mb=opts.mem_mb, minutes=opts.minutes)
+                     gres=opts.gres, nodes=opts.nodes, cpus=opts.cpus, mem_mb=opts.mem_mb, minutes=opts.minutes)
     try:
         jobs = launch(args.stage, stage_args, shards=opts.shards, cluster=opts.cluster, folder=opts.folder,
                       profile=opts.profile or None, overrides=overrides, max_requeues=opts.max_requeues,

@@ -126,10 +126,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage-dir", default="",
                         help="copy the cache to this node-local folder first and train from the verified "
                              "copy (environment variables expanded, e.g. '$TMPDIR'; srdit/staging.py)")
+    from srdit.distributed import add_launch_arguments
+    add_launch_arguments(parser)       # --nnodes, --nproc-per-node, ...: one process per GPU
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from srdit.distributed import launch_workers
+    code = launch_workers(args)        # started once: start one process per GPU of the job, or train here
+    if code is not None:
+        return code
     cfg = get_config(args.name, *args.registry, overrides=parse_overrides(args.set))
     cache = args.cache
     if args.stage_dir:
@@ -381,17 +387,29 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, cache: str | Path, *, unti
     save_at_end: False skips the segment's final checkpoint (benchmarks; periodic and
     preemption checkpoints are still written).
     """
-    from srdit.distributed import detect_launch, init_process_group, pick_device, shutdown
+    from srdit.distributed import (LaunchError, barrier, check_worker_devices, describe_worker, detect_launch,
+                                   init_process_group, pick_device, shutdown)
 
     launch = detect_launch()
     device = pick_device(launch)
-    init_process_group(launch, device)
+    try:
+        check_worker_devices(launch, device)       # one process per GPU, or an error naming the mismatch
+    except LaunchError as e:
+        print(f"srdit train: {e}", file=sys.stderr, flush=True)
+        return 2
+    backend = init_process_group(launch, device)
+    if launch.local_rank == 0:                     # one line per node: world size and the GPUs seen
+        print(f"srdit train: {describe_worker(launch, device, backend)}", file=sys.stderr, flush=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
         trainer = _Trainer(cfg, Path(run_dir), Path(cache), launch, device, resources, random_teacher,
                            on_step, argv)
         trainer.save_at_end = save_at_end
-        return trainer.run(until_step, segment_steps, segment_minutes)
+        code = trainer.run(until_step, segment_steps, segment_minutes)
+        # no rank exits before rank 0 has recorded the outcome (srun ends a step at the first
+        # task that exits non-zero, e.g. 75)
+        barrier()
+        return code
     finally:
         shutdown()
 
@@ -810,6 +828,7 @@ class _Trainer:
             return
         status = {"state": state, "exit_code": code, "detail": detail, "step": self.step,
                   "max_steps": self.cfg.train.max_steps, "world_size": self.world,
+                  "launch_id": os.environ.get("SRDIT_LAUNCH_ID"),     # srdit/distributed.py's launcher
                   "latest": (self.ckpt_root / LATEST).read_text().strip() if (self.ckpt_root / LATEST).exists() else None,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(self.run_dir / "status.json", status)

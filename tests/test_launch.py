@@ -132,7 +132,8 @@ def test_sbatch_memory_is_exact_mib_and_gpus_are_asked_as_the_profile_does():
     site = yaml.safe_load(PROFILE.read_text())["site"]
     opts = sbatch_options(train)
     assert opts["mem"] == f"{site['node_mem_mb']}M" and opts["mem"] == "480000M"
-    assert opts["gpus"] == str(site["node_gpus"]) and "gres" not in opts       # gpu_model "" = any GPU
+    # per node (train_gres: multi-node jobs too), gpu_model "" = any GPU
+    assert opts["gres"] == site["train_gres"] == f"gpu:{site['node_gpus']}" and "gpus" not in opts
     assert opts["time"] == str(site["train_minutes"]) and opts["cpus-per-task"] == str(site["node_cpus"])
     typed = sbatch_options(JobResources(gpus=8, gpu_model="h100", mem_mb=1500))
     assert typed["gpus"] == "h100:8" and typed["mem"] == "1500M"               # the plugin's --gpus=MODEL:N
@@ -143,7 +144,7 @@ def test_sbatch_memory_is_exact_mib_and_gpus_are_asked_as_the_profile_does():
 
 def test_a_gres_profile_gives_the_trainer_every_gpu(tmp_path):
     profile = yaml.safe_load(PROFILE.read_text())
-    profile["set-resources"]["train_segment"].pop("gpu")
+    profile["set-resources"]["train_segment"].pop("gpu", None)
     profile["set-resources"]["train_segment"]["gres"] = "gpu:h100:4"
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(profile))
@@ -199,7 +200,7 @@ def test_launch_train_dry_run_names_the_run_and_the_sbatch_options(tmp_path):
     assert result.returncode == 0, result.stderr
     run = "b1_sprint_rms_rope_qknorm_valres_cfm_ts"          # the run b1_srdit samples (train_from)
     assert f"row b1_srdit samples run {run}" in result.stdout
-    assert "--mem=480000M" in result.stdout and "--gpus=8" in result.stdout
+    assert "--mem=480000M" in result.stdout and "--gres=gpu:8" in result.stdout
     command = next(line for line in result.stdout.splitlines() if line.startswith("srdit launch: command "))
     assert f"-m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 8 -m srdit train {run} " \
            f"--run-dir results/runs/{run} --cache results/cache/imagenet/latents256-" in command

@@ -82,6 +82,10 @@ def slurm_test_profile(cluster: dict, dest: Path) -> Path:
                 res["gpu_model"] = cluster["gpu_model"]      # typed request: --gpus=<model>:1
             else:
                 res.pop("gpu_model", None)
+        if res.get("gres"):                                  # training: GPUs per node, typed as the site's
+            res["gres"] = f"gpu:{cluster['gpu_model'] + ':' if cluster['gpu_model'] else ''}1"
+        if "nodes" in res:
+            res["nodes"] = 1                                 # the default partition has one node
     profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
     profile.update({"jobs": 4, "latency-wait": 5, "retries": 0, "keep-going": False,
                     "slurm-init-seconds-before-status-checks": 2, "slurm-keep-successful-logs": True})

@@ -323,12 +323,27 @@ def segment_inputs(wildcards):
 
 
 def train_launcher(wildcards, resources):
-    """One launcher per node owns all of the job's GPUs: torchrun starts one process per GPU.
-    Without GPUs (the CPU demo) or with one, a plain single process."""
-    gpus = int(getattr(resources, "gpu", 0) or 0)
-    if gpus > 1:
-        return f"{PYTHON} -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node {gpus}"
+    """The trainer's interpreter. `srdit train` is its own launcher (srdit/distributed.py): at run
+    time it starts one process per GPU the job actually has (local processes on one node, one
+    `srun` step with a task per GPU across nodes), or stops with an error naming a mismatch."""
     return PYTHON
+
+
+def train_shape(wildcards, resources):
+    """`--nnodes N --nproc-per-node G`: the shape this job asks Slurm for, however the profile asks
+    for GPUs (gpu, gres gpu:[TYPE:]N, --gpus-per-node in slurm_extra); the trainer checks it
+    against the allocation it gets and refuses to start on a mismatch. Nothing without GPUs or
+    Slurm resources (the CPU demo: one process, or one per visible GPU)."""
+    from srdit.distributed import requested_shape
+
+    try:
+        nodes, per_node, _ = requested_shape(resources)
+    except ValueError as e:
+        raise WorkflowError(f"train_segment resources for run {wildcards.run}: {e}") from None
+    flags = [f"--nnodes {nodes}"] if nodes > 1 else []
+    if per_node:
+        flags.append(f"--nproc-per-node {per_node}")
+    return " ".join(flags)
 
 
 def train_flags(wildcards):

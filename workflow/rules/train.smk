@@ -20,6 +20,7 @@ rule train_segment:
     params:
         run_dir=f"{RESULTS}/runs/{{run}}",
         launcher=train_launcher,
+        shape=train_shape,
         flags=train_flags,
         budget=train_time_budget,
         step=until_step,
@@ -33,6 +34,6 @@ rule train_segment:
         # resubmitted job (profile `retries`) resumes from the checkpoint it wrote. Snakemake
         # clears the log of an attempt that is retried; the run's metrics.jsonl keeps every one.
         "{params.launcher} -m srdit train {wildcards.run} --run-dir {params.run_dir}"
-        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} {params.stage} > {log} 2>&1;"
+        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} {params.stage} {params.shape} > {log} 2>&1;"
         " test -e {output} || {{ echo 'srdit: segment stopped before step {params.step};"
         " rerun to resume from its checkpoint' >> {log}; exit 75; }}{params.prune}"
