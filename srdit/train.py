@@ -11,7 +11,7 @@ minutes, or SIGTERM / SIGUSR1. It then writes a checkpoint and exits 0, or 75 (E
 "requeue and resume") after a signal. A non-finite loss or gradient norm stops the run with
 exit 3 and writes nothing, so the last good checkpoint stays as it was.
 
-The recipe (recipe.md 2.14): AdamW (lr 1e-4 constant, betas 0.9/0.999, wd 0, eps 1e-8, no
+The recipe (docs/recipe.md 2.14): AdamW (lr 1e-4 constant, betas 0.9/0.999, wd 0, eps 1e-8, no
 warm-up), gradient clipping at 1.0, a global batch (256) = micro-batch x accumulation x world
 size whatever the number of processes, EMA 0.9999 after every optimizer step (srdit/ema.py).
 Precision: the parameters, gradients, gradient all-reduce and optimizer stay fp32; on a GPU the

@@ -1,6 +1,6 @@
 """The training objective: linear interpolant, time sampling and shift, and the four loss terms.
 
-Conventions (recipe.md 2.1): x_t = (1 - t) x0 + t eps, so t = 1 is pure noise and t = 0 is data;
+Conventions (docs/recipe.md 2.1): x_t = (1 - t) x0 + t eps, so t = 1 is pure noise and t = 0 is data;
 the model predicts the velocity v* = eps - x0. The loss is
 
     total = L_v + cls_coeff * L_cls + proj_coeff * L_proj + cfm_coeff * L_cfm

@@ -78,7 +78,7 @@ def test_paper_dry_run_lists_every_ablation(paper_dry_run):
         steps = registry[name].get("eval_steps") or [get_config(run).train.max_steps]
         expected |= {(name, s) for s in steps}
     assert evaluated == expected
-    assert len(expected) >= 35                    # every row of recipe.md 5.1-5.3, 5.5-5.7
+    assert len(expected) >= 35                    # every row of docs/recipe.md 5.1-5.3, 5.5-5.7
 
 
 def test_paper_dry_run_trains_each_run_in_segments_with_a_whole_node(paper_dry_run):

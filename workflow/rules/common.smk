@@ -4,7 +4,7 @@
 # resolved to its typed, validated ExperimentConfig up front, so a bad entry stops the workflow
 # before anything is submitted, with srdit.config's message naming the key.
 #
-# Paths (design.md "Conventions"):
+# Paths:
 # (<cache> = config cache_root, results = config results_root; both "results" by default)
 #   <cache>/cache/{dataset}/images{res}/shard{NNNNN}.h5, images.h5           prepared images
 #   <cache>/cache/{dataset}/latents{res}-{cache}/shard{NNNNN}.h5, cache.h5   latents (+ teacher)
