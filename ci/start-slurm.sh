@@ -83,9 +83,11 @@ fi
 # none, and `srdit train` stops on that mismatch (it would waste a real GPU job). This cluster says
 # so to every task, as a site with CPU-only nodes would: SRDIT_DEVICE=cpu (train on the CPU, one
 # process per allocated GPU), unless the job set SRDIT_DEVICE itself (e.g. `auto` to see the error).
-taskprolog='#!/bin/sh
+if [ "$gpus" -gt 0 ]; then
+  taskprolog='#!/bin/sh
 # written by ci/start-slurm.sh: the GPUs of this cluster are fake; srdit trains on the CPU
 [ -n "${SRDIT_DEVICE+x}" ] || echo "export SRDIT_DEVICE=cpu"'
+fi
 if [ "$dbd" = 1 ]; then
   # gres/gpu in the TRES list: sacct's AllocTRES then shows the GPUs each job got
   accounting="AccountingStorageType=accounting_storage/slurmdbd
