@@ -27,10 +27,12 @@ _NOT_SCANNED = {".git", ".venv", "results", "resources", "logs", ".snakemake", "
 
 
 def _project_files() -> list[Path]:
-    """The files of the checkout: git's (tracked plus new, not ignored), else a walk of the tree."""
+    """The files of the checkout: those git tracks, else (no git) a walk of the tree."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, check=True).stdout.decode()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO, capture_output=True, check=True)
+        if Path(top.stdout.decode().strip()).resolve() != REPO.resolve():
+            raise OSError("the checkout is not a git work tree of its own")
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode()
         files = [REPO / name for name in out.split("\0") if name]
     except (OSError, subprocess.CalledProcessError):
         files = []
