@@ -34,8 +34,8 @@ CACHE_ROOT = str(Path(config["cache_root"]))
 RESOURCES_DIR = config["resources_dir"]
 DATASET = config["data"]["name"]
 RANDOM = bool(config["random_weights"])
-# The interpreter of every rule (`params: python=PYTHON`, then `{params.python} -m srdit ...`; the
-# training launcher's `PYTHON -m torch.distributed.run`): the one running snakemake, so that the
+# The interpreter of every job (each job passes it as params.python and runs `{params.python} -m
+# srdit ...`; training launches its own workers from it): the one running snakemake, so that the
 # venv's python runs the jobs however snakemake was started (.venv/bin/snakemake without
 # activating the venv included; Slurm jobs inherit it through the plugin, which starts each job's
 # snakemake with the same interpreter). Under --sdm conda, the environment's own `python`.
