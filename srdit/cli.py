@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("srdit.data.prepare", "ImageNet folder -> ADM center crop -> sharded uint8 HDF5"),
     "encode": ("srdit.data.encode", "image shards -> tokenizer latents (+ teacher features) HDF5"),
     "train": ("srdit.train", "DeepSpeed training in bounded, resumable segments"),
+    "train-job": ("srdit.trainjob", "one workflow training job: diverged/lock gate, log per attempt, requeue"),
     "sample": ("srdit.generate", "generate one shard of samples from a consolidated checkpoint"),
     "merge": ("srdit.generate_merge", "merge sample shards into an ADM-format samples.npz + grid"),
     "evaluate": ("srdit.metrics.evaluate", "FID, sFID, IS, precision/recall and KDD of a samples.npz"),

@@ -9,7 +9,10 @@ rank) and the data position come back from `DIR/checkpoints/latest`. One invocat
 *segment*) trains until the first of: `--until-step` (default `train.max_steps`), K steps, M
 minutes, or SIGTERM / SIGUSR1. It then writes a checkpoint and exits 0, or 75 (EXIT_REQUEUE,
 "requeue and resume") after a signal. A non-finite loss or gradient norm stops the run with
-exit 3 and writes nothing, so the last good checkpoint stays as it was.
+exit 3 and writes no checkpoint, so the last good checkpoint stays as it was; it marks the run
+diverged (`DIR/diverged.json`), and no later invocation trains it until that file is deleted.
+Rank 0 holds the run lock (`DIR/trainer.lock`, srdit/runlock.py) while it trains: a second
+trainer on the same run exits 4 at once, naming the holder, and touches nothing.
 
 The recipe (docs/recipe.md 2.14): AdamW (lr 1e-4 constant, betas 0.9/0.999, wd 0, eps 1e-8, no
 warm-up), gradient clipping at 1.0, a global batch (256) = micro-batch x accumulation x world
@@ -81,13 +84,16 @@ from srdit.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FORMAT, LATEST, SNAPSHO
                               restore_optimizer_state, restore_rng_state, save_snapshot, seed_everything,
                               step_tag)
 from srdit.config import ConfigError, ExperimentConfig, get_config, parse_overrides
+from srdit.runlock import RunDiverged, RunLock, RunLocked, check_not_diverged, mark_diverged
 
-__all__ = ["EXIT_OK", "EXIT_REQUEUE", "EXIT_DIVERGED", "TrainingDiverged", "train", "load_snapshot",
+__all__ = ["EXIT_OK", "EXIT_REQUEUE", "EXIT_DIVERGED", "EXIT_LOCKED", "TrainingDiverged", "train",
+           "load_snapshot",
            "register", "run", "batch_geometry"]
 
 EXIT_OK = 0
 EXIT_REQUEUE = 75          # EX_TEMPFAIL: "try again"; the workflow and submitit requeue and resume
 EXIT_DIVERGED = 3
+EXIT_LOCKED = 4            # another trainer holds the run (srdit/runlock.py); nothing was touched
 
 # Latent normalisation when data.latent_scale is None: the tokenizer's own constant.
 DEFAULT_LATENT_SCALE = {"e2e-invae": 0.3099, "sd-vae": 0.18215, "pixel": 1.0}
@@ -402,16 +408,47 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, cache: str | Path, *, unti
         print(f"srdit train: {describe_worker(launch, device, backend)}", file=sys.stderr, flush=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
-        trainer = _Trainer(cfg, Path(run_dir), Path(cache), launch, device, resources, random_teacher,
-                           on_step, argv)
-        trainer.save_at_end = save_at_end
-        code = trainer.run(until_step, segment_steps, segment_minutes)
-        # no rank exits before rank 0 has recorded the outcome (srun ends a step at the first
-        # task that exits non-zero, e.g. 75)
-        barrier()
-        return code
+        with _run_gate(Path(run_dir), launch, argv):
+            trainer = _Trainer(cfg, Path(run_dir), Path(cache), launch, device, resources, random_teacher,
+                               on_step, argv)
+            trainer.save_at_end = save_at_end
+            code = trainer.run(until_step, segment_steps, segment_minutes)
+            # no rank exits before rank 0 has recorded the outcome (srun ends a step at the first
+            # task that exits non-zero, e.g. 75)
+            barrier()
+            return code
+    except (RunLocked, RunDiverged) as e:
+        if launch.rank == 0:
+            print(f"srdit train: {e}", file=sys.stderr, flush=True)
+        return EXIT_LOCKED if isinstance(e, RunLocked) else EXIT_DIVERGED
     finally:
         shutdown()
+
+
+@contextlib.contextmanager
+def _run_gate(run_dir: Path, launch, argv):
+    """Rank 0 checks the diverged marker and holds the run lock while the trainer lives (see
+    srdit/runlock.py); every rank learns the outcome, so that all of them refuse together,
+    before anything in the run directory is touched."""
+    lock, refusal = None, None
+    if launch.rank == 0:
+        try:
+            check_not_diverged(run_dir)
+            lock = RunLock(run_dir, argv).acquire()
+        except (RunLocked, RunDiverged) as e:
+            refusal = e
+    if launch.world_size > 1:
+        box = [None if refusal is None else (isinstance(refusal, RunLocked), str(refusal))]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is not None and refusal is None:
+            refusal = (RunLocked if box[0][0] else RunDiverged)(box[0][1])
+    if refusal is not None:
+        raise refusal
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class _Trainer:
@@ -514,6 +551,7 @@ class _Trainer:
             seed_everything(t.seed + self.rank)
 
         self.last_saved = self.step if state is not None else -1
+        self.start_step = self.step
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, start_step=self.step,
                                     config=cfg.to_dict(), run_name=cfg.name)
         self.flops_per_image = train_flops_per_image(cfg.model)
@@ -828,9 +866,13 @@ class _Trainer:
             return
         status = {"state": state, "exit_code": code, "detail": detail, "step": self.step,
                   "max_steps": self.cfg.train.max_steps, "world_size": self.world,
+                  "start_step": self.start_step,
+                  "job_id": os.environ.get("SLURM_JOB_ID"),
                   "launch_id": os.environ.get("SRDIT_LAUNCH_ID"),     # srdit/distributed.py's launcher
                   "latest": (self.ckpt_root / LATEST).read_text().strip() if (self.ckpt_root / LATEST).exists() else None,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(self.run_dir / "status.json", status)
         with open(self.run_dir / "segments.jsonl", "a") as f:
             f.write(json.dumps(status) + "\n")
+        if state == "diverged":          # no automatic retry trains this run again (srdit/runlock.py)
+            mark_diverged(self.run_dir, self.step, detail)

@@ -2,10 +2,27 @@
 # checkpoint up to the next boundary (see BOUNDARIES in common.smk) and leaves the consolidated
 # snapshot of that step, the declared output, which the next segment and the samplers read.
 #
-# Preemption and time limits: the trainer checkpoints on SIGTERM/SIGUSR1 and exits 75; the job
-# then counts as failed and Snakemake resubmits it (`retries` in the profile), and the resubmitted
-# job resumes from that checkpoint. Snapshots are protected (read-only): a changed input never
-# silently overwrites a trained run; delete results/runs/<run>/ to retrain it from scratch.
+# The trainer runs under `srdit train-job` (srdit/trainjob.py), which decides what a stop means:
+# - time limits and preemption: the trainer stops before the job's time limit (its time budget)
+#   or on SIGTERM (`--signal` lead time, a preemption's grace time), checkpoints and exits; the
+#   Slurm job then requeues itself (same job id, no Snakemake retry spent) and resumes from that
+#   checkpoint, as many times as the segment needs: a boundary-to-boundary segment may take
+#   several jobs' time limits. Outside Slurm it exits 75 and Snakemake's `retries` resubmit it.
+# - a diverged run (exit 3, RUN/diverged.json) and a run another live trainer holds
+#   (RUN/trainer.lock, exit 4) are refused before anything starts: a retry ends within seconds.
+# - every attempt keeps its own log under results/logs/train/<run>/attempts/; the rule's log is a
+#   symlink to the newest.
+# Where a cluster cancels preempted jobs (PreemptMode=CANCEL) and one ends PREEMPTED before it
+# could requeue itself, the plugin would wait on it forever: the `onstart` thread below requeues
+# it (srdit/requeue.py). Snapshots are protected (read-only): a changed input never silently
+# overwrites a trained run; delete results/runs/<run>/ to retrain it from scratch.
+
+
+from srdit.requeue import start_for_workflow
+
+
+onstart:
+    start_for_workflow(workflow)
 
 
 rule train_segment:
@@ -18,6 +35,7 @@ rule train_segment:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}/step{{step}}.tsv"
     params:
+        python=PYTHON,
         run_dir=f"{RESULTS}/runs/{{run}}",
         launcher=train_launcher,
         shape=train_shape,
@@ -30,10 +48,8 @@ rule train_segment:
     conda:
         "../../envs/srdit.yaml"
     shell:
-        # A segment that stopped early (time budget, preemption) exits 75, "try again": the
-        # resubmitted job (profile `retries`) resumes from the checkpoint it wrote. Snakemake
-        # clears the log of an attempt that is retried; the run's metrics.jsonl keeps every one.
-        "{params.launcher} -m srdit train {wildcards.run} --run-dir {params.run_dir}"
-        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} {params.stage} {params.shape} > {log} 2>&1;"
-        " test -e {output} || {{ echo 'srdit: segment stopped before step {params.step};"
-        " rerun to resume from its checkpoint' >> {log}; exit 75; }}{params.prune}"
+        # train-job: the diverged/lock gate, one log per attempt, requeue after an early stop
+        "{params.python} -m srdit train-job --run-dir {params.run_dir} --output {output} --log {log} --"
+        " {params.launcher} -m srdit train {wildcards.run} --run-dir {params.run_dir}"
+        " --cache {input.cache} --until-step {params.step} {params.budget} {params.flags} {params.stage} {params.shape}"
+        "{params.prune}"
