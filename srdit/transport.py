@@ -81,6 +81,20 @@ def sample_t(batch: int, objective_cfg: ObjectiveConfig, latent_shape: Sequence[
 
 
 # --------------------------------------------------------------------------------------------
+# The path: where x_t lies and the velocity the model learns (the samplers assume both)
+# --------------------------------------------------------------------------------------------
+
+def interpolate(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t eps: data at t = 0, noise at t = 1 (t broadcasts against x0)."""
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
+    """The training target v* = dx_t/dt = eps - x0."""
+    return eps - x0
+
+
+# --------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------
 
@@ -183,16 +197,16 @@ def training_losses(model, x0: Tensor, y: Tensor, teacher_cls: Tensor | None,
     t = t.to(device=device, dtype=torch.float32)
     t_img = t.view(batch, 1, 1, 1)
     eps = _draw("normal", tuple(x0.shape), generator, device) if noise is None else noise[0].to(device)
-    x_t = (1 - t_img) * x0 + t_img * eps
-    v_target = eps - x0
+    x_t = interpolate(x0, eps, t_img)
+    v_target = velocity_target(x0, eps)
 
     cls_t = cls_target = None
     if uses_cls:
         c0 = teacher_cls.to(device=device, dtype=torch.float32)
         eps_c = _draw("normal", tuple(c0.shape), generator, device) if noise is None else noise[1].to(device)
         t_cls = t.view(batch, 1)
-        cls_t = (1 - t_cls) * c0 + t_cls * eps_c
-        cls_target = eps_c - c0
+        cls_t = interpolate(c0, eps_c, t_cls)
+        cls_target = velocity_target(c0, eps_c)
 
     out = model(x_t, t, y, cls_t, ids_keep=ids_keep, path_drop=path_drop, drop_labels=drop_labels)
     v_pred = out.velocity.float()
