@@ -57,3 +57,35 @@ def test_config_checks_the_latent_side_per_tokenizer():
     pixel["model"]["align_depths"] = [2]
     with pytest.raises(ConfigError, match=r"model.align_depths: REPA .* 8x8 tokens .* 2x2"):
         get_config("demo_reg", overrides=pixel)
+
+
+def test_evaluate_reuses_the_reference_features_it_stored(tmp_path):
+    """`srdit reference-batch` stores the reference's Inception pool features; `srdit evaluate`
+    reuses them (the demo evaluates many checkpoints against one reference) and gets the same
+    metrics as from features it computes itself."""
+    from srdit.metrics.evaluate import evaluate
+    from srdit.metrics.npz_io import NpzWriter
+    from srdit.metrics.reference_batch import POOL_KEY, POOL_SHA_KEY, build_reference_batch
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source.npz"
+    with NpzWriter(source) as w:
+        w.add("arr_0", rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    samples = tmp_path / "samples.npz"
+    with NpzWriter(samples) as w:
+        w.add("arr_0", rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    ref = tmp_path / "ref.npz"
+    build_reference_batch(source, ref, inception="fid-helper")
+    stored = evaluate(samples, ref, inception="fid-helper", kdd=False)
+    with np.load(ref) as data:
+        assert data[POOL_KEY].shape == (6, 2048)
+        assert data[POOL_SHA_KEY].tolist() == [stored["feature_extractors"]["inception"]["sha256"]]
+        plain = {k: data[k] for k in data.files if k not in (POOL_KEY, POOL_SHA_KEY)}   # an ADM-style batch
+    with NpzWriter(tmp_path / "adm.npz") as w:
+        for key, value in plain.items():
+            w.add(key, value)
+    computed = evaluate(samples, tmp_path / "adm.npz", inception="fid-helper", kdd=False)
+    assert stored["reference"]["inception_features"].startswith("stored")
+    assert computed["reference"]["inception_features"].startswith("computed")
+    for key in ("fid", "sfid", "precision", "recall"):
+        assert stored[key] == pytest.approx(computed[key], rel=1e-6, abs=1e-9), key

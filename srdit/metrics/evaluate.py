@@ -4,9 +4,11 @@
 
 The reference is an ADM-format batch: `arr_0` images (for precision/recall and KDD) and,
 optionally, `mu`, `sigma`, `mu_s`, `sigma_s` (FID/sFID statistics; computed from `arr_0` when
-absent, as ADM does). The metrics JSON records the sampler settings (`sampler.json` beside the
-samples), both feature extractors with their weight files and checksums, the reference batch's
-SHA-256 and the library versions, so that a number can be trusted later.
+absent, as ADM does). A batch made by `srdit reference-batch` also holds its pool_3 features,
+which are reused when the same Inception weights made them. The metrics JSON records the sampler
+settings (`sampler.json` beside the samples), both feature extractors with their weight files and
+checksums, the reference batch's SHA-256 and the library versions, so that a number can be
+trusted later.
 """
 from __future__ import annotations
 
@@ -94,6 +96,7 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
     from srdit.metrics.inception_score import inception_score
     from srdit.metrics.npz_io import iter_npz_batches, npz_keys
     from srdit.metrics.prdc import precision_recall
+    from srdit.metrics.reference_batch import cached_pool_features
 
     cfg = eval_cfg or EvalConfig()
     samples, reference = Path(samples), Path(reference)
@@ -114,11 +117,20 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
                      "real runs use the official file (srdit fetch inception-fid)")
     gen_feats = compute_inception_features(net, iter_npz_batches(samples, "arr_0", batch_size), n_gen,
                                            "inception: samples")
-    ref_feats = compute_inception_features(net, iter_npz_batches(reference, "arr_0", batch_size), n_ref,
-                                           "inception: reference")
+    inception_info = net.describe()
+    stored_statistics = {"mu", "sigma", "mu_s", "sigma_s"} <= set(npz_keys(reference))
+    # `srdit reference-batch` also stores the reference's pool_3 features: reuse them when the
+    # same Inception weights made them (precision/recall need them; FID needs only mu/sigma)
+    cached_pool = cached_pool_features(reference, inception_info["sha256"]) if stored_statistics else None
+    if cached_pool is not None and len(cached_pool) == n_ref:
+        ref_feats = {"pool": cached_pool}
+        ref_features_source = "stored in the reference batch (same Inception weights)"
+    else:
+        ref_feats = compute_inception_features(net, iter_npz_batches(reference, "arr_0", batch_size), n_ref,
+                                               "inception: reference")
+        ref_features_source = "computed from the reference batch's arr_0"
 
-    keys = set(npz_keys(reference))
-    if {"mu", "sigma", "mu_s", "sigma_s"} <= keys:
+    if stored_statistics:
         with np.load(reference) as ref:
             mu, sigma, mu_s, sigma_s = (ref[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
         ref_stats_source = "stored mu/sigma/mu_s/sigma_s of the reference batch"
@@ -132,7 +144,7 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
     }
     metrics["precision"], metrics["recall"] = precision_recall(ref_feats["pool"], gen_feats["pool"], k=cfg.pr_k,
                                                                device=device)
-    extractors = {"inception": net.describe(), "dinov2": None}
+    extractors = {"inception": inception_info, "dinov2": None}
     del net
     kdd_result = None
     if kdd:
@@ -155,7 +167,7 @@ def evaluate(samples: str | Path, reference: str | Path, *, inception: str | Non
         "num_reference": n_ref,
         "samples": {"path": str(samples.resolve()), "sha256": sha256_file(samples)},
         "reference": {"path": str(reference.resolve()), "sha256": sha256_file(reference),
-                      "statistics": ref_stats_source},
+                      "statistics": ref_stats_source, "inception_features": ref_features_source},
         "sampler": read_sampler_settings(samples),
         "feature_extractors": extractors,
         "settings": {"frechet": frechet_method(n_gen, gen_feats["pool"].shape[1]), "pr_k": cfg.pr_k,

@@ -6,8 +6,11 @@
 HDF5 image cache from `srdit prepare` (`images` (N, R, R, 3) uint8) or an `.npz` with `arr_0`.
 The output holds `arr_0` (N, R, R, 3) uint8 and the FID/sFID statistics `mu`, `sigma`, `mu_s`,
 `sigma_s` (float64) of its Inception features, the layout of ADM's
-`VIRTUAL_imagenet256_labeled.npz`; a JSON sidecar (`REF.json`) records the source, the selection
-and the Inception weights. With `--num` below the source size, a seeded random subset (kept in
+`VIRTUAL_imagenet256_labeled.npz`, plus two keys of our own that ADM's files lack:
+`inception_pool`, the pool_3 features themselves (float32), and `inception_sha256`, the checksum
+of the Inception weights that computed them, so that `srdit evaluate` reuses the features (for
+precision/recall) instead of recomputing them at every evaluation. A JSON sidecar (`REF.json`)
+records the source, the selection and the Inception weights. With `--num` below the source size, a seeded random subset (kept in
 source order) is used, as ADM's batches are random training images.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from srdit.resources import MissingResourceError, sha256_file
 from srdit.data.crop import adm_center_crop
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+POOL_KEY, POOL_SHA_KEY = "inception_pool", "inception_sha256"    # cached features and their network
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +95,18 @@ def select_indices(count: int, num: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.RandomState(seed).choice(count, num, replace=False))
 
 
+def cached_pool_features(reference: str | Path, inception_sha256: str) -> np.ndarray | None:
+    """The reference's stored pool_3 features if the same Inception weights computed them, else None."""
+    from srdit.metrics.npz_io import npz_keys
+
+    if not {POOL_KEY, POOL_SHA_KEY} <= set(npz_keys(reference)):
+        return None
+    with np.load(reference) as ref:
+        if str(ref[POOL_SHA_KEY].reshape(-1)[0]) != inception_sha256:
+            return None
+        return ref[POOL_KEY].astype(np.float32)
+
+
 def build_reference_batch(source: str | Path, out: str | Path, *, num: int | None = None, seed: int = 0,
                           resolution: int = 256, inception: str | None = None, resources=None,
                           batch_size: int = 100, device: str | None = None) -> dict:
@@ -131,7 +147,8 @@ def build_reference_batch(source: str | Path, out: str | Path, *, num: int | Non
         writer.add_streamed("arr_0", shape, np.uint8, chunks())
         mu, sigma = feature_statistics(np.concatenate(pools))
         mu_s, sigma_s = feature_statistics(np.concatenate(spatials))
-        for name, arr in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
+        for name, arr in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s),
+                          (POOL_KEY, np.concatenate(pools)), (POOL_SHA_KEY, np.array([net.describe()["sha256"]]))):
             writer.add(name, arr)
     info = {"reference": str(out), "sha256": sha256_file(out), "source": str(Path(source).resolve()),
             "source_kind": src.kind, "source_count": src.count, "num": len(indices), "seed": seed,
