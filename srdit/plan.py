@@ -50,8 +50,9 @@ TRAIN_MFU = 0.075
 INFER_MFU = 0.10
 DEFAULT_GPU = "H100"
 # Matmul FLOPs per image at 256 px (x (res/256)^2 at other sizes): E2E-INVAE encoder and decoder,
-# counted with torch.utils.flop_counter on the real module; SD-VAE taken as the same.
-TOKENIZER_GFLOPS = {"e2e-invae": (137.9, 252.2), "sd-vae": (137.9, 252.2)}
+# counted with torch.utils.flop_counter on the real module; SD-VAE taken as the same; the demo's
+# pixel tokenizer is a reshape.
+TOKENIZER_GFLOPS = {"e2e-invae": (137.9, 252.2), "sd-vae": (137.9, 252.2), "pixel": (0.0, 0.0)}
 INCEPTION_GFLOPS = 11.5            # Inception-v3 at 299 px (5.7 G multiply-adds)
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012 train, used when the image cache does not exist yet
 METRICS_BYTES = 20_000             # metrics.json + sampler.json + grid.png, about

@@ -32,9 +32,6 @@ METRICS = {
 }
 HEADERS = {"fid": "FID", "sfid": "sFID", "is": "IS", "prec": "Prec", "rec": "Rec", "kdd": "KDD",
            "kdd_std": "KDD std"}
-RANDOM_NOTE = ("**The tokenizer and the teacher were randomly initialised** (no pretrained weights): "
-               "these numbers only show that the pipeline runs end to end. They say nothing about "
-               "SR-DiT and must not be compared with the paper.")
 
 
 
@@ -52,6 +49,7 @@ class Row:
     paper: dict = field(default_factory=dict)
     grid: Path | None = None
     random_weights: bool = False
+    tokenizer: str = "e2e-invae"
 
 
 def read_metrics(path: Path) -> tuple[dict[str, float | None], bool]:
@@ -89,8 +87,25 @@ def build_rows(items: list[tuple[str, str, str, str]], registry_files: list[str]
                         tag=sampler_tag(cfg.sample),
                         run=inherited_meta(name, registry, "train_from") or name, ours=ours,
                         paper=registry[name].get("paper") or {}, grid=Path(grid) if grid else None,
-                        random_weights=random))
+                        random_weights=random, tokenizer=cfg.data.tokenizer))
     return rows
+
+
+def stand_in_note(rows: list[Row], random_weights: bool) -> str | None:
+    """What stood in for the paper's pretrained networks in these rows, or None (none did)."""
+    if not (random_weights or any(r.random_weights for r in rows)):
+        return None
+    pixel = any(r.tokenizer == "pixel" for r in rows)
+    learned = any(r.tokenizer != "pixel" for r in rows)
+    random = (["the tokenizer (its latents and decoded images are noise)"] if learned else []) + [
+        "the DINOv2 teacher (the REG class token and REPA targets carry no meaning)"]
+    note = ("**Stand-ins, not pretrained weights**: " + " and ".join(random) +
+            (" are" if learned else " is") + " randomly initialised.")
+    if pixel:
+        note += (" The pixel tokenizer (exact space-to-depth; nothing learned) replaces E2E-INVAE, so the "
+                 "model learns pixels directly.")
+    return note + (" These numbers show that the pipeline runs" + (" and learns" if pixel else "") +
+                   "; they say nothing about SR-DiT and must not be compared with the paper.")
 
 
 def _fmt(value, digits=3) -> str:
@@ -121,8 +136,9 @@ def table_csv(rows: list[Row], random_weights: bool) -> str:
 
 def table_markdown(rows: list[Row], title: str, random_weights: bool) -> str:
     lines = [f"# {title}", ""]
-    if random_weights or any(r.random_weights for r in rows):
-        lines += [RANDOM_NOTE, ""]
+    note = stand_in_note(rows, random_weights)
+    if note:
+        lines += [note, ""]
     lines += ["Each cell is ours, with the paper's number (docs/recipe.md section 5) in parentheses where "
               "the paper reports this row at this step. Samplers are spelled out in `ablations.csv`.", ""]
     shown = [m for m in METRICS if m != "kdd_std"]
@@ -169,7 +185,7 @@ def plot_fid_vs_step(rows: list[Row], path: Path, title: str, random_weights: bo
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (lower is better)")
     random = random_weights or any(r.random_weights for r in rows)
-    suffix = " [RANDOM tokenizer/teacher]" if random and "random" not in title.lower() else ""
+    suffix = " [random-weight stand-ins]" if random and "random" not in title.lower() else ""
     ax.set_title(f"{title}{suffix}\nsolid: ours; hollow squares: the paper", fontsize=9)
     if len(curves) <= 20:
         ax.legend(fontsize=7)
@@ -190,7 +206,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", action="append", default=[], help="extra ablation registry YAML")
     parser.add_argument("--title", default="SR-DiT ablations", help="title of the tables and the plot")
     parser.add_argument("--random-weights", action="store_true",
-                        help="the run used randomly initialised tokenizer and teacher: say so everywhere")
+                        help="the run used randomly initialised stand-ins for the pretrained networks "
+                             "(teacher, tokenizer unless pixel): say so everywhere")
     parser.set_defaults(func=run)
 
 

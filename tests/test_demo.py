@@ -89,3 +89,50 @@ def test_evaluate_reuses_the_reference_features_it_stored(tmp_path):
     assert computed["reference"]["inception_features"].startswith("computed")
     for key in ("fid", "sfid", "precision", "recall"):
         assert stored[key] == pytest.approx(computed[key], rel=1e-6, abs=1e-9), key
+
+
+def test_report_names_the_demo_stand_ins(tmp_path):
+    """The demo's report says which parts stand in for pretrained networks: a random teacher and the
+    pixel tokenizer; not a random tokenizer, which the pixel demo does not have."""
+    import json
+    import subprocess
+    import sys
+
+    items = []
+    for i, (name, step, fid) in enumerate([("demo_pixel_srdit", 300, 390.0), ("demo_pixel_srdit", 1200, 300.0)]):
+        metrics = tmp_path / f"m{i}.json"
+        metrics.write_text(json.dumps({"fid": fid, "sfid": 1.0, "precision": 0.1, "recall": 0.1}))
+        items += ["--item", name, str(step), str(metrics), ""]
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "srdit", "report", "--out", str(out), "--title", "demo",
+                             "--random-weights", *items], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    markdown = (out / "ablations.md").read_text()
+    assert "the DINOv2 teacher (the REG class token and REPA targets carry no meaning) is randomly initialised" \
+        in markdown and "pixel tokenizer" in markdown
+    assert "the tokenizer (its latents" not in markdown and "runs and learns" in markdown
+
+
+def test_demo_dag_trains_pixel_models_and_evaluates_a_curve(tmp_path):
+    """`make demo`'s DAG (config/config.yaml, with the Makefile's thread settings): pixel-tokenizer
+    rows; the full recipe's run is a chain of three jobs, each evaluated (the FID-vs-step curve);
+    the sampler gets no --random-weights (the pixel tokenizer has none to randomise)."""
+    import re
+
+    from workflow_copy import REPO, copy_workflow
+    from test_workflow import parse_dry_run, snakemake
+
+    threads = re.search(r"^DEMO_THREADS := (.*)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    result = snakemake(copy_workflow(tmp_path), "-n", "--profile", "profiles/local", "--cores", "2",
+                       "--set-threads", *threads)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = parse_dry_run(result.stdout + result.stderr)
+    trains = sorted((j["wildcards"]["run"], int(j["wildcards"]["step"])) for j in jobs if j["rule"] == "train_segment")
+    assert trains == [("demo_pixel_reg", 1000), ("demo_pixel_sprint", 1000), ("demo_pixel_srdit", 250),
+                      ("demo_pixel_srdit", 500), ("demo_pixel_srdit", 1000)]
+    evaluated = sorted((j["wildcards"]["ablation"], int(j["wildcards"]["step"])) for j in jobs if j["rule"] == "evaluate")
+    assert [s for a, s in evaluated if a == "demo_pixel_srdit"] == [250, 500, 1000]
+    encode = [j["shell"] for j in jobs if j["rule"] == "encode_latents"]
+    assert encode and all("--tokenizer pixel" in s for s in encode)
+    samples = [j["shell"] for j in jobs if j["rule"] == "sample_shard"]
+    assert samples and not any("--random-weights" in s for s in samples)

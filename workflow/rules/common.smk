@@ -249,7 +249,8 @@ def needed_resources():
     for name in TARGETS:
         cfg = CONFIGS[name]
         if not RANDOM:
-            keys.add(cfg.data.tokenizer)                        # encode + decode the samples
+            if cfg.data.tokenizer in RESOURCES:                 # (the pixel tokenizer has no weights)
+                keys.add(cfg.data.tokenizer)                    # encode + decode the samples
             keys.add(cfg.data.teacher)                          # REPA/REG targets
             keys.add("inception-fid")                           # FID, sFID, IS, precision/recall
             if cfg.eval.kdd and config["evaluate"]["kdd"]:
@@ -291,7 +292,8 @@ def encode_weights(wildcards):
     if RANDOM:
         return []
     data = CACHES[wildcards.cache]
-    return [resource_file(data.tokenizer)] + ([resource_file(data.teacher)] if data.cache_teacher else [])
+    files = [resource_file(data.tokenizer)] if data.tokenizer in RESOURCES else []     # pixel: no weights
+    return files + ([resource_file(data.teacher)] if data.cache_teacher else [])
 
 
 def encode_flags(wildcards):
@@ -394,14 +396,15 @@ def sample_inputs(wildcards):
         raise WorkflowError(f"results/samples/{wildcards.ablation}/.../{wildcards.tag}: the sampler "
                             f"settings of {wildcards.ablation} spell {tag_of(wildcards.ablation)}")
     inputs = {"snapshot": snapshot(train_run(wildcards.ablation), wildcards.step)}
-    if not RANDOM:
-        inputs["tokenizer"] = resource_file(CONFIGS[wildcards.ablation].data.tokenizer)   # decoder
+    tokenizer = CONFIGS[wildcards.ablation].data.tokenizer
+    if not RANDOM and tokenizer in RESOURCES:                       # the pixel tokenizer has no weights
+        inputs["tokenizer"] = resource_file(tokenizer)                                  # decoder
     return inputs
 
 
 def sample_flags(wildcards):
     flags = [sample_overrides(wildcards.ablation), f"--resources {RESOURCES_DIR}"]
-    if RANDOM:
+    if RANDOM and CONFIGS[wildcards.ablation].data.tokenizer in RESOURCES:     # not the weightless pixel one
         flags.append("--random-weights")
     return " ".join(f for f in flags if f)
 
