@@ -1,4 +1,4 @@
-# make demo   the whole workflow on the CPU (config/config.yaml), about 5 minutes; writes results/report/
+# make demo   the whole workflow on the CPU (config/config.yaml), 6-8 minutes from a fresh clone; writes results/report/
 # make test   the test suite (Slurm tests skip unless a cluster is up: see ci/start-slurm.sh)
 # make lint   snakemake --lint
 # make dryrun the paper's ImageNet-256 reproduction as a dry run through the Slurm profile

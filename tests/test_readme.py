@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_copy import copy_workflow
+from workflow_copy import copy_workflow, decoy_env
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -204,15 +204,7 @@ def test_rules_run_the_venv_python_without_an_activated_venv(tmp_path):
     its bare name would fail here."""
     (tmp_path / "work").mkdir()
     work = copy_workflow(tmp_path / "work")
-    decoys = tmp_path / "decoys"
-    decoys.mkdir()
-    for name in ("python", "python3", "torchrun"):
-        (decoys / name).write_text("#!/bin/sh\necho \"decoy $0 called\" >&2\nexit 97\n")
-        (decoys / name).chmod(0o755)
-    path = [str(decoys)] + [p for p in os.environ.get("PATH", "").split(os.pathsep)
-                            if p and Path(p).resolve() != BIN.resolve()]
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env["PATH"] = os.pathsep.join(path)
+    env = decoy_env(tmp_path)
     result = subprocess.run([str(BIN / "snakemake"), "--profile", "profiles/local", "--cores", "1",
                              "--configfile=config/test_slurm.yaml", "results/demo_images"],
                             cwd=work, env=env, capture_output=True, text=True, timeout=600)

@@ -100,12 +100,20 @@ def venv_env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
+# The CI cluster's controller starts with a clean state (ci/start-slurm.sh) while slurmdbd keeps
+# its records, so job ids repeat across cluster starts: `sacct -j N` alone can answer with an
+# earlier job N (e.g. an old interactive "allocation") before this one reaches the database.
+# Only jobs of this test session count.
+SESSION_START = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
+
+
 def sacct_job(job_id: str, wait_s: float = 30) -> list[dict]:
-    """sacct's record of a job (one row per array task), once it shows a final state: slurmdbd
-    records a finished job a second or two after squeue and submitit see it end."""
+    """sacct's record of a job of this session (one row per array task), once it shows a final
+    state: slurmdbd records a finished job a second or two after squeue and submitit see it end."""
     deadline = time.time() + wait_s
     while True:
-        out = _run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,JobName,State,ExitCode,AllocTRES").stdout
+        out = _run("sacct", "-j", job_id, "-S", SESSION_START, "-X", "-n", "-P",
+                   "-o", "JobID,JobName,State,ExitCode,AllocTRES").stdout
         rows = [dict(zip(("id", "name", "state", "exit", "tres"), line.split("|")))
                 for line in out.splitlines() if line.strip()]
         if rows and all(r["state"] not in ("PENDING", "RUNNING", "COMPLETING") for r in rows):

@@ -8,7 +8,6 @@ Skips without a cluster, fails with SRDIT_REQUIRE_SLURM=1 (CI), like tests/test_
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_slurm import cluster, sacct_job, slurm_test_profile  # noqa: F401  (cluster: a fixture)
-from workflow_copy import copy_workflow
+from workflow_copy import copy_workflow, decoy_env
 
 from srdit import layout
 
@@ -26,21 +25,6 @@ pytestmark = pytest.mark.slurm
 BIN = Path(sys.executable).parent
 JOBS = 2
 PREPARE_SHARDS = 4              # all ready at once, twice what `jobs` lets out
-
-
-def decoy_env(tmp: Path) -> dict:
-    """PATH without the venv, led by a `python`/`python3`/`torchrun` that only fail: a job that
-    called one by its bare name would fail."""
-    decoys = tmp / "decoys"
-    decoys.mkdir()
-    for name in ("python", "python3", "torchrun"):
-        (decoys / name).write_text("#!/bin/sh\necho \"decoy $0 called\" >&2\nexit 97\n")
-        (decoys / name).chmod(0o755)
-    path = [str(decoys)] + [p for p in os.environ.get("PATH", "").split(os.pathsep)
-                            if p and Path(p).resolve() != BIN.resolve()]
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env["PATH"] = os.pathsep.join(path)
-    return env
 
 
 def config_resolution(config: dict) -> int:
