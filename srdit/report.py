@@ -30,6 +30,7 @@ METRICS = {
     "kdd": ("kdd",),
     "kdd_std": ("kdd_std",),
 }
+TRAINING_GRID = "training_images.png"
 HEADERS = {"fid": "FID", "sfid": "sFID", "is": "IS", "prec": "Prec", "rec": "Rec", "kdd": "KDD",
            "kdd_std": "KDD std"}
 
@@ -134,7 +135,7 @@ def table_csv(rows: list[Row], random_weights: bool) -> str:
     return buf.getvalue()
 
 
-def table_markdown(rows: list[Row], title: str, random_weights: bool) -> str:
+def table_markdown(rows: list[Row], title: str, random_weights: bool, training_grid: bool = False) -> str:
     lines = [f"# {title}", ""]
     note = stand_in_note(rows, random_weights)
     if note:
@@ -159,10 +160,44 @@ def table_markdown(rows: list[Row], title: str, random_weights: bool) -> str:
     grids = [r for r in rows if r.grid is not None]
     if grids:
         lines += ["## Sample grids", ""]
+        if training_grid:
+            lines += [f"- the training images, in the sample grids' layout (what each class looks like): "
+                      f"![training images](grids/{TRAINING_GRID})"]
         lines += [f"- {r.name}, step {r.step}: ![{r.name} step {r.step}](grids/{r.name}_step{r.step:07d}.png)"
                   for r in grids]
         lines.append("")
     return "\n".join(lines)
+
+
+def training_images_grid(images_h5: str | Path, count: int = 64):
+    """A grid of real training images in the layout of the sample grids: position i shows class
+    i mod K (K classes in the cache), as the balanced sampler labels sample i, so each sample grid
+    can be set beside it. Each class shows its images in cache order."""
+    import h5py
+    import numpy as np
+
+    from srdit.generate_merge import sample_grid
+
+    with h5py.File(images_h5, "r") as f:
+        if "images" not in f or "labels" not in f:
+            raise ValueError(f"{images_h5}: expected an image cache from `srdit prepare` (datasets images, labels)")
+        labels = f["labels"][:]
+        classes = np.unique(labels)
+        if not len(classes):
+            raise ValueError(f"{images_h5}: the image cache is empty")
+        by_class = {int(c): np.flatnonzero(labels == c) for c in classes}
+        wanted = [int(classes[i % len(classes)]) for i in range(count)]
+        seen: dict[int, int] = {}
+        picks = []
+        for c in wanted:
+            rows = by_class[c]
+            picks.append(int(rows[seen.get(c, 0) % len(rows)]))
+            seen[c] = seen.get(c, 0) + 1
+        order = np.argsort(picks, kind="stable")                  # h5py reads need increasing indices
+        unique, inverse = np.unique(np.asarray(picks)[order], return_inverse=True)
+        images = np.empty((count, *f["images"].shape[1:]), np.uint8)
+        images[order] = f["images"][unique][inverse]
+    return sample_grid(images, np.asarray(wanted))
 
 
 def plot_fid_vs_step(rows: list[Row], path: Path, title: str, random_weights: bool) -> None:
@@ -208,6 +243,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true",
                         help="the run used randomly initialised stand-ins for the pretrained networks "
                              "(teacher, tokenizer unless pixel): say so everywhere")
+    parser.add_argument("--training-images", default=None, metavar="IMAGES_H5",
+                        help="an image cache of `srdit prepare`: add grids/training_images.png, real images "
+                             "in the sample grids' layout, to set the samples beside")
     parser.set_defaults(func=run)
 
 
@@ -216,7 +254,12 @@ def run(args) -> int:
     (out / "grids").mkdir(parents=True, exist_ok=True)
     rows = build_rows([tuple(i) for i in args.item], args.registry)
     write_atomic(out / "ablations.csv", table_csv(rows, args.random_weights))
-    write_atomic(out / "ablations.md", table_markdown(rows, args.title, args.random_weights))
+    if args.training_images:
+        buf = io.BytesIO()
+        training_images_grid(args.training_images).save(buf, format="PNG")
+        write_atomic(out / "grids" / TRAINING_GRID, buf.getvalue())
+    write_atomic(out / "ablations.md", table_markdown(rows, args.title, args.random_weights,
+                                                      training_grid=bool(args.training_images)))
     plot_fid_vs_step(rows, out / "fid_vs_step.png", args.title, args.random_weights)
     for r in rows:
         if r.grid is not None:

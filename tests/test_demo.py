@@ -113,6 +113,75 @@ def test_report_names_the_demo_stand_ins(tmp_path):
     assert "the tokenizer (its latents" not in markdown and "runs and learns" in markdown
 
 
+def test_report_lays_out_training_images_like_the_sample_grids(tmp_path):
+    """grids/training_images.png puts an image of class i mod K at position i, as the balanced
+    sampler labels sample i, each class cycling through its own images; the Markdown shows it."""
+    import json
+    import subprocess
+    import sys
+
+    import h5py
+    from PIL import Image
+
+    from srdit.generate_merge import GRID_COLUMNS
+
+    # a class-ordered cache of 3 classes (2, 3 and 1 images); each image is one flat colour that
+    # encodes its row, so the grid can be read back
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    colours = np.array([[10 + 40 * i, 200 - 30 * i, 7 * i] for i in range(len(labels))], np.uint8)
+    images = np.broadcast_to(colours[:, None, None, :], (len(labels), 16, 16, 3)).copy()
+    cache = tmp_path / "images.h5"
+    with h5py.File(cache, "w") as f:
+        f["images"], f["labels"] = images, labels
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"fid": 1.0}))
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "srdit", "report", "--out", str(out), "--title", "demo",
+                             "--training-images", str(cache), "--item", "demo_pixel_srdit", "1000",
+                             str(metrics), str(tmp_path / "no_grid_here.png")], capture_output=True, text=True)
+    assert result.returncode != 0                     # a named grid that does not exist is an error
+    result = subprocess.run([sys.executable, "-m", "srdit", "report", "--out", str(out), "--title", "demo",
+                             "--training-images", str(cache), "--item", "demo_pixel_srdit", "1000",
+                             str(metrics), ""], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    grid = np.asarray(Image.open(out / "grids" / "training_images.png").convert("RGB"))
+    strip, side = 12, 16
+    assert grid.shape == (8 * (side + strip), GRID_COLUMNS * side, 3)
+    expected_rows = {0: [0, 1], 1: [2, 3, 4], 2: [5]}
+    seen = {0: 0, 1: 0, 2: 0}
+    for i in range(64):
+        y, x = (i // GRID_COLUMNS) * (side + strip) + strip, (i % GRID_COLUMNS) * side
+        c = i % 3
+        row = expected_rows[c][seen[c] % len(expected_rows[c])]
+        seen[c] += 1
+        assert (grid[y + 8, x + 8] == colours[row]).all(), (i, grid[y + 8, x + 8], colours[row])
+    # no report without grids mentions it; with sample grids it is listed before them
+    assert "training_images.png" not in (out / "ablations.md").read_text()
+
+
+def test_report_lists_the_training_images_beside_the_sample_grids(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import h5py
+    from PIL import Image
+
+    cache = tmp_path / "images.h5"
+    with h5py.File(cache, "w") as f:
+        f["images"], f["labels"] = np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1])
+    metrics, sample_grid = tmp_path / "m.json", tmp_path / "grid.png"
+    metrics.write_text(json.dumps({"fid": 1.0}))
+    Image.new("RGB", (8, 8)).save(sample_grid)
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "srdit", "report", "--out", str(out), "--title", "demo",
+                             "--training-images", str(cache), "--item", "demo_pixel_srdit", "1000",
+                             str(metrics), str(sample_grid)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    markdown = (out / "ablations.md").read_text()
+    assert markdown.index("grids/training_images.png") < markdown.index("grids/demo_pixel_srdit_step0001000.png")
+
+
 def test_demo_dag_trains_pixel_models_and_evaluates_a_curve(tmp_path):
     """`make demo`'s DAG (config/config.yaml, with the Makefile's thread settings): pixel-tokenizer
     rows; the full recipe's run is a chain of three jobs, each evaluated (the FID-vs-step curve);
@@ -136,3 +205,5 @@ def test_demo_dag_trains_pixel_models_and_evaluates_a_curve(tmp_path):
     assert encode and all("--tokenizer pixel" in s for s in encode)
     samples = [j["shell"] for j in jobs if j["rule"] == "sample_shard"]
     assert samples and not any("--random-weights" in s for s in samples)
+    report = [j["shell"] for j in jobs if j["rule"] == "report"]
+    assert len(report) == 1 and re.search(r"--training-images \S*/images32/images\.h5", report[0]), report

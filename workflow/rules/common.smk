@@ -469,12 +469,23 @@ def report_folder(wildcards, output):
     return str(Path(output.csv).parent)
 
 
+def report_training_images():
+    """The image cache whose real images the report lays out beside the sample grids
+    (config report.training_images), at the resolution of the first configured row; or None."""
+    if not config["report"].get("training_images") or not TARGETS:
+        return None
+    return f"{CACHE_ROOT}/cache/{DATASET}/images{CONFIGS[TARGETS[0]].data.resolution}/images.h5"
+
+
 def report_inputs(wildcards):
-    return [path for item in report_items() for path in item[2:]]
+    extra = [report_training_images()] if report_training_images() else []
+    return [path for item in report_items() for path in item[2:]] + extra
 
 
 def report_args(wildcards):
     args = [f"--item {name} {step} {metrics} {grid}" for name, step, metrics, grid in report_items()]
+    if report_training_images():
+        args.append(f"--training-images {report_training_images()}")
     args.append(registry_args())
     if RANDOM:
         args.append("--random-weights")
