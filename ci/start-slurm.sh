@@ -106,7 +106,12 @@ for i in $(seq $((nodes - 1)) -1 0); do
   node_lines+="NodeName=${node_names[$i]} NodeAddr=127.0.0.1 Port=$((6818 + 10 * i)) CPUs=$cpus RealMemory=$memory $node_gres State=UNKNOWN
 "
 done
-partitions="PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP"
+# `urgent` (a higher priority tier on localhost) preempts jobs of the other partitions, which are
+# then cancelled at once (PreemptMode=CANCEL, no grace time): the case where a training job is
+# killed before it can requeue itself (tests/test_slurm_restart.py). No other test submits there,
+# and partitions of one tier never preempt each other.
+partitions="PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=urgent Nodes=localhost PriorityTier=10 MaxTime=INFINITE State=UP"
 if [ "$nodes" -gt 1 ]; then
   partitions+="
 PartitionName=multi Nodes=$(IFS=,; echo "${node_names[*]}") MaxTime=INFINITE State=UP"
@@ -135,6 +140,8 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
 MinJobAge=300
 KillWait=5
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 SlurmdParameters=config_overrides
 JobCompType=jobcomp/none
 $accounting

@@ -109,6 +109,18 @@ class PreemptedJobRequeuer(threading.Thread):
         self._stop.set()
 
 
+def poll_interval(environ=None) -> float:
+    """Seconds between the requeuer's looks at squeue: SRDIT_PREEMPT_POLL_S (tests use 1), else 60."""
+    value = (os.environ if environ is None else environ).get("SRDIT_PREEMPT_POLL_S", "60")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"SRDIT_PREEMPT_POLL_S={value!r}: expected a number of seconds above 0 (default 60)")
+    return seconds
+
+
 def start_for_workflow(workflow) -> PreemptedJobRequeuer | None:
     """Start the requeuer in a login-node snakemake that submits to Slurm (train.smk's `onstart`;
     Snakemake runs no hooks in dry runs nor inside the jobs)."""
@@ -117,6 +129,6 @@ def start_for_workflow(workflow) -> PreemptedJobRequeuer | None:
         return None
     from snakemake.logging import logger
 
-    requeuer = PreemptedJobRequeuer(Path.cwd(), log=logger.warning)
+    requeuer = PreemptedJobRequeuer(Path.cwd(), interval=poll_interval(), log=logger.warning)
     requeuer.start()
     return requeuer

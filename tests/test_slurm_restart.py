@@ -8,6 +8,9 @@
 - A segment that stops before its boundary (here `train.segment_steps: 1`, as a time budget
   would) requeues its own Slurm job: same job id, no Snakemake retry (the test profile has
   `retries: 0`), one log per run of the job.
+- A training job preempted and cancelled at once (PreemptMode=CANCEL, no grace time: the CI
+  cluster's `urgent` partition) ends PREEMPTED, which the Slurm plugin would wait on forever; the
+  workflow's requeuer (srdit/requeue.py) puts it back in the queue and the run finishes.
 
 The data stages run once, locally (they are not what is tested). Skips without a cluster, fails
 with SRDIT_REQUIRE_SLURM=1 (CI), like tests/test_slurm.py.
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_slurm import cluster, slurm_test_profile, venv_env  # noqa: F401  (cluster: a fixture)
+from test_slurm import SESSION_START, cluster, slurm_test_profile, venv_env  # noqa: F401  (cluster: a fixture)
 from workflow_copy import copy_workflow
 
 from srdit import layout, runlock
@@ -215,3 +218,68 @@ def test_a_segment_that_stops_early_requeues_its_own_job(prepared, cluster, tmp_
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [e["checkpoint"] for e in events if e.get("event") == "resume"] == ["step0000001"]
     assert_trainers_never_overlapped(run_dir)
+
+
+def urgent_partition() -> str | None:
+    """The CI cluster's partition whose jobs preempt (and cancel) the others' (ci/start-slurm.sh)."""
+    out = subprocess.run(["scontrol", "show", "partition", "urgent"], capture_output=True, text=True)
+    preempt = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    if out.returncode != 0 or not re.search(r"PreemptMode\s*=\s*CANCEL", preempt):
+        return None
+    return "urgent"
+
+
+def test_a_preempted_and_cancelled_training_job_is_requeued_by_the_workflow(prepared, cluster, tmp_path):  # noqa: F811
+    urgent = urgent_partition()
+    if urgent is None:
+        message = "this cluster has no `urgent` partition with PreemptMode=CANCEL (start it with ci/start-slurm.sh)"
+        if os.environ.get("SRDIT_REQUIRE_SLURM"):
+            pytest.fail(message)
+        pytest.skip(message)
+    work = fresh_copy(prepared, tmp_path / "work")
+    profile = slurm_test_profile(cluster, work)
+    run_dir = work / "results/runs/test_tiny"
+    target = SEGMENT_1.format(run="test_tiny")
+    log = open(tmp_path / "snakemake.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", target, "--profile", str(profile), "--configfile",
+                             CONFIG, "overlay.yaml"], cwd=work, env=dict(venv_env(), SRDIT_PREEMPT_POLL_S="1"),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        holder = wait_for(lambda: runlock.read_lock(run_dir) if (run_dir / runlock.LOCK_FILE).exists() else None,
+                          600, "a trainer to take the run lock")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError((tmp_path / "snakemake.log").read_text()[-4000:]) from None
+    job = holder["job_id"]
+    # the trainer is frozen so that the preemption surely finds it mid-segment; Slurm's SIGCONT,
+    # SIGTERM, SIGKILL end it as they would a running one
+    os.kill(holder["pid"], signal.SIGSTOP)
+    urgent_job = subprocess.run(["sbatch", "--parsable", "-p", urgent, "--exclusive", "-o", "/dev/null",
+                                 "-J", "srdit-test-urgent", "--wrap", "sleep 5"],
+                                capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    released = set()
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        # as in the test above: the requeued job waits out BeginTime (~2 minutes) unless moved
+        lines = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+        if lines.strip() == "BeginTime" and job not in released:
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+            released.add(job)
+        time.sleep(1)
+    if proc.poll() is None:
+        proc.kill()
+        subprocess.run(["scancel", job])
+    out = (tmp_path / "snakemake.log").read_text()
+    assert proc.returncode == 0, out[-4000:]
+    assert (work / target).exists()
+    assert f"Slurm job {job} was preempted and cancelled; requeued it" in out, out[-4000:]
+    assert "Trying to restart job" not in out                  # no Snakemake retry was spent
+    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-S", SESSION_START, "-o", "State"],
+                            capture_output=True, text=True).stdout.split()
+    # the requeuer found it PREEMPTED (its message above: it looks for that state only); once
+    # requeued, accounting shows that run as REQUEUED, then the run that finished
+    assert states == ["REQUEUED", "COMPLETED"], states
+    assert subprocess.run(["sacct", "-X", "-n", "-P", "-j", urgent_job, "-S", SESSION_START, "-o", "State"],
+                          capture_output=True, text=True).stdout.split() == ["COMPLETED"]
+    assert_trainers_never_overlapped(run_dir)
+    assert runlock.read_lock(run_dir) is None

@@ -206,3 +206,14 @@ def test_preempted_jobs_of_this_workflow_are_requeued(tmp_path, monkeypatch):
     assert any("squeue -h -u" in c and "-t PREEMPTED" in c for c in calls(tmp_path))
     assert sum("cannot be requeued" in m for m in logged) == 1          # warned once, not every poll
     assert any("102_3" in m and "Requeue of job disabled" in m for m in logged)
+
+
+@pytest.mark.parametrize("value,expected", [(None, 60.0), ("1", 1.0), ("0.5", 0.5), ("0", None), ("-3", None),
+                                            ("soon", None), ("nan", None)])
+def test_the_requeuer_poll_interval_is_validated(value, expected):
+    env = {} if value is None else {"SRDIT_PREEMPT_POLL_S": value}
+    if expected is None:
+        with pytest.raises(ValueError, match="SRDIT_PREEMPT_POLL_S"):
+            requeue.poll_interval(env)
+    else:
+        assert requeue.poll_interval(env) == expected
