@@ -88,6 +88,21 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def start_until_a_trainer_holds(work: Path, args: list[str], run_dir: Path, log: Path, env: dict,
+                                **popen) -> tuple[subprocess.Popen, dict]:
+    """Start snakemake with `args` in the background (output to `log`) and wait until a trainer
+    holds `run_dir`: (the snakemake process, the run lock's record)."""
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=work, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, **popen)
+    try:
+        holder = wait_for(lambda: runlock.read_lock(run_dir) if (run_dir / runlock.LOCK_FILE).exists() else None,
+                          600, "a trainer to take the run lock")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(log.read_text()[-4000:]) from None
+    return proc, holder
+
+
 def squeue_state(job: str) -> str:
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
     return out.stdout.strip()
@@ -127,15 +142,8 @@ def test_a_snakemake_killed_mid_segment_restarts_without_a_second_trainer(prepar
 
     # 1. snakemake trains segment 1 through Slurm; once its trainer holds the run, the trainer is
     #    frozen (so that it is surely mid-segment whatever the machine's speed) and snakemake dies
-    log1 = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-m", "snakemake", *cmd], cwd=work, env=venv_env(), stdout=log1,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        orphan = wait_for(lambda: runlock.read_lock(run_dir) if (run_dir / runlock.LOCK_FILE).exists() else None,
-                          600, "a trainer to take the run lock")
-    except AssertionError:
-        first.kill()
-        raise AssertionError((tmp_path / "first.log").read_text()[-4000:]) from None
+    first, orphan = start_until_a_trainer_holds(work, cmd, run_dir, tmp_path / "first.log", venv_env(),
+                                                start_new_session=True)
     os.kill(orphan["pid"], signal.SIGSTOP)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
@@ -240,16 +248,9 @@ def test_a_preempted_and_cancelled_training_job_is_requeued_by_the_workflow(prep
     profile = slurm_test_profile(cluster, work)
     run_dir = work / "results/runs/test_tiny"
     target = SEGMENT_1.format(run="test_tiny")
-    log = open(tmp_path / "snakemake.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", target, "--profile", str(profile), "--configfile",
-                             CONFIG, "overlay.yaml"], cwd=work, env=dict(venv_env(), SRDIT_PREEMPT_POLL_S="1"),
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        holder = wait_for(lambda: runlock.read_lock(run_dir) if (run_dir / runlock.LOCK_FILE).exists() else None,
-                          600, "a trainer to take the run lock")
-    except AssertionError:
-        proc.kill()
-        raise AssertionError((tmp_path / "snakemake.log").read_text()[-4000:]) from None
+    proc, holder = start_until_a_trainer_holds(
+        work, [target, "--profile", str(profile), "--configfile", CONFIG, "overlay.yaml"], run_dir,
+        tmp_path / "snakemake.log", dict(venv_env(), SRDIT_PREEMPT_POLL_S="1"))
     job = holder["job_id"]
     # the trainer is frozen so that the preemption surely finds it mid-segment; Slurm's SIGCONT,
     # SIGTERM, SIGKILL end it as they would a running one
