@@ -185,19 +185,15 @@ def training_images_grid(images_h5: str | Path, count: int = 64):
         classes = np.unique(labels)
         if not len(classes):
             raise ValueError(f"{images_h5}: the image cache is empty")
-        by_class = {int(c): np.flatnonzero(labels == c) for c in classes}
-        wanted = [int(classes[i % len(classes)]) for i in range(count)]
-        seen: dict[int, int] = {}
+        wanted = classes[np.arange(count) % len(classes)]
+        # position i shows its class's (i // K)-th image, cycling when the class has fewer
         picks = []
-        for c in wanted:
-            rows = by_class[c]
-            picks.append(int(rows[seen.get(c, 0) % len(rows)]))
-            seen[c] = seen.get(c, 0) + 1
-        order = np.argsort(picks, kind="stable")                  # h5py reads need increasing indices
-        unique, inverse = np.unique(np.asarray(picks)[order], return_inverse=True)
-        images = np.empty((count, *f["images"].shape[1:]), np.uint8)
-        images[order] = f["images"][unique][inverse]
-    return sample_grid(images, np.asarray(wanted))
+        for i, c in enumerate(wanted):
+            rows = np.flatnonzero(labels == c)
+            picks.append(rows[(i // len(classes)) % len(rows)])
+        unique, inverse = np.unique(picks, return_inverse=True)    # h5py reads need increasing indices
+        images = f["images"][unique][inverse]
+    return sample_grid(images, wanted)
 
 
 def plot_fid_vs_step(rows: list[Row], path: Path, title: str, random_weights: bool) -> None:

@@ -116,7 +116,7 @@ def poll_interval(environ=None) -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds < float("inf"):
         raise ValueError(f"SRDIT_PREEMPT_POLL_S={value!r}: expected a number of seconds above 0 (default 60)")
     return seconds
 

@@ -209,7 +209,7 @@ def test_preempted_jobs_of_this_workflow_are_requeued(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("value,expected", [(None, 60.0), ("1", 1.0), ("0.5", 0.5), ("0", None), ("-3", None),
-                                            ("soon", None), ("nan", None)])
+                                            ("soon", None), ("nan", None), ("inf", None)])
 def test_the_requeuer_poll_interval_is_validated(value, expected):
     env = {} if value is None else {"SRDIT_PREEMPT_POLL_S": value}
     if expected is None:

@@ -166,6 +166,12 @@ CACHES = {cache_key(cfg): cfg.data for cfg in CONFIGS.values()}
 RESOLUTIONS = sorted({cfg.data.resolution for cfg in CONFIGS.values()})
 
 
+def tokenizer_has_weights(tokenizer):
+    """Whether the tokenizer is a pretrained network to fetch (or randomise): the demo's pixel
+    tokenizer is an exact reshape with no weights."""
+    return tokenizer in RESOURCES
+
+
 def images_cache(res):
     return f"{CACHE_ROOT}/cache/{DATASET}/images{res}/images.h5"
 
@@ -249,7 +255,7 @@ def needed_resources():
     for name in TARGETS:
         cfg = CONFIGS[name]
         if not RANDOM:
-            if cfg.data.tokenizer in RESOURCES:                 # (the pixel tokenizer has no weights)
+            if tokenizer_has_weights(cfg.data.tokenizer):
                 keys.add(cfg.data.tokenizer)                    # encode + decode the samples
             keys.add(cfg.data.teacher)                          # REPA/REG targets
             keys.add("inception-fid")                           # FID, sFID, IS, precision/recall
@@ -292,7 +298,7 @@ def encode_weights(wildcards):
     if RANDOM:
         return []
     data = CACHES[wildcards.cache]
-    files = [resource_file(data.tokenizer)] if data.tokenizer in RESOURCES else []     # pixel: no weights
+    files = [resource_file(data.tokenizer)] if tokenizer_has_weights(data.tokenizer) else []
     return files + ([resource_file(data.teacher)] if data.cache_teacher else [])
 
 
@@ -397,14 +403,14 @@ def sample_inputs(wildcards):
                             f"settings of {wildcards.ablation} spell {tag_of(wildcards.ablation)}")
     inputs = {"snapshot": snapshot(train_run(wildcards.ablation), wildcards.step)}
     tokenizer = CONFIGS[wildcards.ablation].data.tokenizer
-    if not RANDOM and tokenizer in RESOURCES:                       # the pixel tokenizer has no weights
+    if not RANDOM and tokenizer_has_weights(tokenizer):
         inputs["tokenizer"] = resource_file(tokenizer)                                  # decoder
     return inputs
 
 
 def sample_flags(wildcards):
     flags = [sample_overrides(wildcards.ablation), f"--resources {RESOURCES_DIR}"]
-    if RANDOM and CONFIGS[wildcards.ablation].data.tokenizer in RESOURCES:     # not the weightless pixel one
+    if RANDOM and tokenizer_has_weights(CONFIGS[wildcards.ablation].data.tokenizer):
         flags.append("--random-weights")
     return " ".join(f for f in flags if f)
 
@@ -474,7 +480,7 @@ def report_training_images():
     (config report.training_images), at the resolution of the first configured row; or None."""
     if not config["report"].get("training_images") or not TARGETS:
         return None
-    return f"{CACHE_ROOT}/cache/{DATASET}/images{CONFIGS[TARGETS[0]].data.resolution}/images.h5"
+    return images_cache(CONFIGS[TARGETS[0]].data.resolution)
 
 
 def report_inputs(wildcards):
